@@ -1,0 +1,214 @@
+"""The gateway's YAML configuration, loaded into typed dataclasses and validated at start-up.
+
+Every problem raises :class:`~gateway.errors.ConfigError` naming the field by its path
+(``models[1].backend.params.address``), so a bad file stops start-up with a precise message.
+Relative paths are resolved against the config file's directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.errors import ConfigError
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MODEL_KINDS = ("classifier", "encoder")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Server TLS; ``client_ca_file`` turns on mutual TLS (clients must present a certificate)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    admin_port: int = 8003
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    grace_seconds: float = 10.0
+    tls: TLSConfig | None = None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    keys_file: Path
+
+
+@dataclass(frozen=True)
+class ComponentConfig:
+    """A ``{name, params}`` entry resolved through a registry when the gateway is built."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    kind: str
+    backend: ComponentConfig
+    # Largest batch one request may carry; bigger requests are refused with INVALID_ARGUMENT.
+    max_batch_size: int = 1024
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    server: ServerConfig
+    auth: AuthConfig
+    models: tuple[ModelConfig, ...]
+    source: Path | None = None
+
+
+class _Fields:
+    """Reads typed fields out of one mapping, naming each by its path on error."""
+
+    def __init__(self, data: Any, path: str, allowed: set[str]) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(path or "config", f"must be a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            where = f"{path}.{unknown[0]}" if path else str(unknown[0])
+            raise ConfigError(where, f"unknown field; valid: {', '.join(sorted(allowed))}")
+        self.data, self.path = data, path
+
+    def name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., ) -> Any:
+        if key not in self.data:
+            if default is ...:
+                raise ConfigError(self.name(key), "is required")
+            return default
+        value = self.data[key]
+        # bool is an int in Python; a port of `true` is a mistake worth catching.
+        if isinstance(value, bool) and bool not in _as_tuple(kind):
+            raise ConfigError(self.name(key), f"must be {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise ConfigError(self.name(key), f"must be {_kind_name(kind)}, got {type(value).__name__}")
+        return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in _as_tuple(kind))
+
+
+def _port(fields: _Fields, key: str, default: int) -> int:
+    port = fields.get(key, int, default)
+    if not 0 <= port <= 65535:
+        raise ConfigError(fields.name(key), f"must be a port number in 0..65535, got {port}")
+    return port
+
+
+def _path(fields: _Fields, key: str, base: Path, default: Any = ...) -> Path | None:
+    value = fields.get(key, str, default)
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise ConfigError(fields.name(key), f"file {str(path)!r} does not exist")
+    return path
+
+
+def _tls(data: Any, path: str, base: Path) -> TLSConfig | None:
+    if data is None:
+        return None
+    fields = _Fields(data, path, {"cert_file", "key_file", "client_ca_file"})
+    return TLSConfig(
+        cert_file=_path(fields, "cert_file", base),  # type: ignore[arg-type]
+        key_file=_path(fields, "key_file", base),  # type: ignore[arg-type]
+        client_ca_file=_path(fields, "client_ca_file", base, None),
+    )
+
+
+def _server(data: Any, base: Path) -> ServerConfig:
+    fields = _Fields(data or {}, "server", {
+        "host", "grpc_port", "metrics_port", "admin_port", "max_message_bytes",
+        "grace_seconds", "tls",
+    })
+    defaults = ServerConfig()
+    max_bytes = fields.get("max_message_bytes", int, defaults.max_message_bytes)
+    if max_bytes < 1024:
+        raise ConfigError(fields.name("max_message_bytes"), f"must be at least 1024, got {max_bytes}")
+    grace = float(fields.get("grace_seconds", (int, float), defaults.grace_seconds))
+    if grace < 0:
+        raise ConfigError(fields.name("grace_seconds"), f"must be >= 0, got {grace}")
+    return ServerConfig(
+        host=fields.get("host", str, defaults.host),
+        grpc_port=_port(fields, "grpc_port", defaults.grpc_port),
+        metrics_port=_port(fields, "metrics_port", defaults.metrics_port),
+        admin_port=_port(fields, "admin_port", defaults.admin_port),
+        max_message_bytes=max_bytes,
+        grace_seconds=grace,
+        tls=_tls(fields.data.get("tls"), fields.name("tls"), base),
+    )
+
+
+def _component(data: Any, path: str) -> ComponentConfig:
+    fields = _Fields(data, path, {"name", "params"})
+    name = fields.get("name", str)
+    params = fields.get("params", Mapping, {}) or {}
+    return ComponentConfig(name=name, params=dict(params))
+
+
+def _models(data: Any) -> tuple[ModelConfig, ...]:
+    if not isinstance(data, list) or not data:
+        raise ConfigError("models", "must be a non-empty list of model entries")
+    models: list[ModelConfig] = []
+    for index, entry in enumerate(data):
+        fields = _Fields(entry, f"models[{index}]", {"name", "kind", "backend", "max_batch_size"})
+        name = fields.get("name", str)
+        if not name or "/" in name:
+            raise ConfigError(fields.name("name"), f"must be a non-empty name without '/', got {name!r}")
+        if any(model.name == name for model in models):
+            raise ConfigError(fields.name("name"), f"duplicate model name {name!r}")
+        kind = fields.get("kind", str)
+        if kind not in MODEL_KINDS:
+            raise ConfigError(fields.name("kind"), f"must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+        backend = _component(fields.get("backend", Mapping), fields.name("backend"))
+        max_batch = fields.get("max_batch_size", int, 1024)
+        if max_batch < 1:
+            raise ConfigError(fields.name("max_batch_size"), f"must be >= 1, got {max_batch}")
+        models.append(ModelConfig(name=name, kind=kind, backend=backend, max_batch_size=max_batch))
+    return tuple(models)
+
+
+def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> GatewayConfig:
+    """Validate a parsed YAML document; relative paths resolve against ``base_dir``."""
+    fields = _Fields(data, "", {"server", "auth", "models"})
+    auth_fields = _Fields(fields.get("auth", Mapping), "auth", {"keys_file"})
+    return GatewayConfig(
+        server=_server(fields.data.get("server"), base_dir),
+        auth=AuthConfig(keys_file=_path(auth_fields, "keys_file", base_dir)),  # type: ignore[arg-type]
+        models=_models(fields.get("models", list)),
+        source=source,
+    )
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Load and validate the YAML file at ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError("config", f"cannot read {str(path)!r}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError("config", f"{path} is not valid YAML: {error}") from None
+    return parse_config(data, path.resolve().parent, source=path)

@@ -1,0 +1,90 @@
+"""The one place where errors become gRPC statuses, and where every ModelInfer is counted.
+
+A :class:`~gateway.errors.GatewayError` keeps its code and reason; any other exception is
+logged here and becomes INTERNAL with a generic message, so internals never reach a caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from gateway.errors import GatewayError
+from gateway.metrics import GatewayMetrics
+
+log = logging.getLogger("moat.gateway")
+_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions of unary handlers to statuses and records ModelInfer metrics."""
+
+    def __init__(self, metrics: GatewayMetrics | None = None) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behavior = self._guarded(handler.unary_unary)
+        if self._metrics is not None and details.method == _INFER_METHOD:
+            behavior = self._measured(behavior, self._metrics)
+        return grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    @staticmethod
+    def _guarded(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Callable:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except GatewayError as error:
+                failure = error
+            except grpc.aio.AbortError:
+                raise
+            except Exception:  # noqa: BLE001 - the catch-all that keeps internals private
+                log.exception("unhandled error in %s", getattr(behavior, "__name__", "handler"))
+                failure = GatewayError("internal error")
+            await context.abort(failure.code, failure.reason)
+
+        return guarded
+
+    @staticmethod
+    def _measured(behavior: Callable, metrics: GatewayMetrics) -> Callable:
+        async def measured(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            model = metrics.model_label(request.model_name)
+            started = time.perf_counter()
+            metrics.inflight.inc()
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                response = await behavior(request, context)
+                code = grpc.StatusCode.OK
+                metrics.response_size.labels(model=model).observe(response.ByteSize())
+                return response
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                metrics.inflight.dec()
+                metrics.requests.labels(model=model, code=_code_name(code)).inc()
+                metrics.request_duration.labels(model=model).observe(time.perf_counter() - started)
+                metrics.request_size.labels(model=model).observe(request.ByteSize())
+
+        return measured
+
+
+def _code_name(code: Any) -> str:
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    # context.code() may hand back the raw integer on some grpc versions.
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")

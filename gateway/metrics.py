@@ -1,0 +1,93 @@
+"""Prometheus metrics of the gateway, on an injected registry.
+
+Names follow Prometheus conventions: the ``moat_`` prefix, base units, ``_total`` on counters.
+Labels are bounded: ``model`` takes only configured model names (anything else is
+``_unknown``, so a caller cannot blow up cardinality), ``code`` the gRPC status names.
+No metric carries a per-client label.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server,
+)
+
+from gateway import __version__
+
+# `_created` series double the exposition size and no dashboard of ours reads them.
+disable_created_metrics()
+
+UNKNOWN_MODEL = "_unknown"
+# Sub-millisecond resolution for a proxy hop, up to a slow upstream.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+SIZE_BUCKETS = tuple(float(2**power) for power in range(6, 28, 2))  # 64 B .. 64 MiB
+
+
+class GatewayMetrics:
+    """The gateway's metrics, registered on ``registry`` (a fresh one per gateway in tests)."""
+
+    def __init__(self, registry: CollectorRegistry, models: Iterable[str]) -> None:
+        self.registry = registry
+        self._models = frozenset(models)
+        self.requests = Counter(
+            "moat_requests", "Inference requests by model and gRPC status code.",
+            ["model", "code"], registry=registry,
+        )
+        self.request_duration = Histogram(
+            "moat_request_duration_seconds", "End-to-end ModelInfer latency inside the gateway.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.backend_duration = Histogram(
+            "moat_backend_duration_seconds",
+            "Time the backend (embedded model or upstream server) took to answer.",
+            ["model", "backend"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.request_size = Histogram(
+            "moat_request_size_bytes", "Serialized ModelInfer request size.",
+            ["model"], buckets=SIZE_BUCKETS, registry=registry,
+        )
+        self.response_size = Histogram(
+            "moat_response_size_bytes", "Serialized ModelInfer response size.",
+            ["model"], buckets=SIZE_BUCKETS, registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "moat_upstream_errors", "Failed calls to an upstream server by model and status code.",
+            ["model", "code"], registry=registry,
+        )
+        self.inflight = Gauge(
+            "moat_inflight_requests", "ModelInfer requests being handled now.", registry=registry,
+        )
+        self.model_ready = Gauge(
+            "moat_model_ready", "1 when the model answered its last readiness check.", ["model"],
+            registry=registry,
+        )
+        build = Gauge("moat_build_info", "Gateway version.", ["version"], registry=registry)
+        build.labels(version=__version__).set(1)
+
+    def model_label(self, name: str) -> str:
+        """``name`` if it is a configured model, else the bounded placeholder."""
+        return name if name in self._models else UNKNOWN_MODEL
+
+
+class MetricsServer:
+    """The Prometheus text endpoint on its own HTTP port (``/metrics``)."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._server: WSGIServer
+        self._thread: threading.Thread
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

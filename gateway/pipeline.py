@@ -1,0 +1,117 @@
+"""The data plane: everything a request goes through, independent of the transport.
+
+The gRPC servicer decodes a message, calls :meth:`DataPlane.infer` and encodes the answer.
+This issue's pipeline is auth (done by the caller), validation and the backend; detection,
+defenses and watermarks slot in after the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.auth import Client
+from gateway.backends import Backend
+from gateway.config import ModelConfig
+from gateway.errors import GatewayError, ModelNotFound
+from gateway.metrics import GatewayMetrics
+from gateway.types import InferRequest, InferResponse, ModelMetadata
+from gateway.validation import validate_request
+
+
+@dataclass
+class ServedModel:
+    """A configured model and the backend that answers for it."""
+
+    config: ModelConfig
+    backend: Backend
+
+
+@dataclass
+class ClientTraffic:
+    """Per-client counts since this process started (the admin service shows them)."""
+
+    requests: int = 0
+    errors: int = 0
+
+
+class DataPlane:
+    """Routes requests to models, validates them and records what happened."""
+
+    def __init__(
+        self, models: dict[str, ServedModel], metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.models = models
+        self._metrics = metrics
+        self._clock = clock
+        self.traffic: defaultdict[str, ClientTraffic] = defaultdict(ClientTraffic)
+
+    async def start(self) -> None:
+        """Start every backend, in parallel."""
+        await asyncio.gather(*(model.backend.start() for model in self.models.values()))
+
+    async def close(self) -> None:
+        """Release backends; called once serving has stopped."""
+        await asyncio.gather(*(model.backend.close() for model in self.models.values()))
+
+    def model(self, name: str, version: str = "") -> ServedModel:
+        """The model called ``name``; ``ModelNotFound`` lists the served ones."""
+        served = self.models.get(name)
+        if served is None:
+            raise ModelNotFound(f"unknown model '{name}'; served: {', '.join(sorted(self.models))}")
+        return served
+
+    async def metadata(self, name: str, version: str = "") -> ModelMetadata:
+        metadata = await self.model(name).backend.metadata()
+        if version and metadata.versions and version not in metadata.versions:
+            raise ModelNotFound(f"model '{name}' has no version '{version}'")
+        return metadata
+
+    async def model_ready(self, name: str, version: str = "") -> bool:
+        ready = await self.model(name).backend.ready()
+        self._metrics.model_ready.labels(model=name).set(1 if ready else 0)
+        return ready
+
+    async def server_ready(self) -> bool:
+        states = await asyncio.gather(*(self.model_ready(name) for name in self.models))
+        return all(states)
+
+    async def infer(self, client: Client, request: InferRequest, deadline: float | None) -> InferResponse:
+        """Answer ``request`` for ``client``; raises a ``GatewayError`` on any refusal."""
+        traffic = self.traffic[client.id]
+        try:
+            response = await self._infer(request, deadline)
+        except GatewayError:
+            traffic.errors += 1
+            raise
+        traffic.requests += 1
+        return response
+
+    async def _infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
+        served = self.model(request.model_name)
+        metadata = await self.metadata(request.model_name, request.model_version)
+        validate_request(request, metadata, served.config.max_batch_size)
+        started = self._clock()
+        response = await served.backend.infer(request, deadline)
+        self._metrics.backend_duration.labels(
+            model=request.model_name, backend=served.config.backend.name
+        ).observe(self._clock() - started)
+        response.outputs = _selected_outputs(response, metadata, request.requested_outputs)
+        response.id = request.id
+        response.model_version = request.model_version
+        return response
+
+
+def _selected_outputs(
+    response: InferResponse, metadata: ModelMetadata, requested: list[str] | None
+) -> dict:
+    """The requested outputs (all declared ones by default), in declared order."""
+    names = [spec.name for spec in metadata.outputs if requested is None or spec.name in requested]
+    missing = [name for name in names if name not in response.outputs]
+    if missing:
+        raise GatewayError(f"the model did not produce output '{missing[0]}'")
+    return {name: response.outputs[name] for name in names}

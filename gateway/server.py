@@ -1,0 +1,142 @@
+"""Builds the gateway from its config and runs it: public gRPC port, admin port, metrics port.
+
+The public port serves the Open Inference Protocol, ``grpc.health.v1`` and reflection; the
+admin port serves :mod:`gateway.admin`; metrics are Prometheus text over HTTP. ``stop()`` marks
+health NOT_SERVING, lets in-flight requests finish within the grace period, then releases
+backends and flushes state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from gateway import admin, servicer
+from gateway.admin import AdminServicer
+from gateway.auth import KeyStore
+from gateway.backends import create_backend
+from gateway.config import GatewayConfig, ServerConfig, TLSConfig
+from gateway.interceptors import StatusInterceptor
+from gateway.metrics import GatewayMetrics, MetricsServer
+from gateway.pipeline import DataPlane, ServedModel
+from gateway.servicer import InferenceServicer
+from protos import admin_pb2_grpc, inference_pb2_grpc
+
+log = logging.getLogger("moat.gateway")
+
+
+@dataclass(frozen=True)
+class Ports:
+    grpc: int
+    admin: int
+    metrics: int
+
+
+def _server_options(max_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, tls: TLSConfig | None) -> int:
+    address = f"{host}:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+            root_certificates=ca, require_client_auth=ca is not None,
+        )
+        bound = server.add_secure_port(address, credentials)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    return bound
+
+
+def build_plane(config: GatewayConfig, metrics: GatewayMetrics) -> DataPlane:
+    """Build every model's backend; ``ConfigError`` names the field of a bad one."""
+    models = {}
+    for index, model in enumerate(config.models):
+        backend = create_backend(
+            model.name, model.backend, f"models[{index}].backend",
+            max_message_bytes=config.server.max_message_bytes,
+        )
+        models[model.name] = ServedModel(config=model, backend=backend)
+    return DataPlane(models, metrics)
+
+
+class Gateway:
+    """A running gateway. Build with :func:`build_gateway`, then ``await start()``."""
+
+    def __init__(self, config: GatewayConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.keys = KeyStore.from_file(config.auth.keys_file)
+        self.metrics = GatewayMetrics(self.registry, [model.name for model in config.models])
+        self.plane = build_plane(config, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self._public: grpc.aio.Server | None = None
+        self._admin: grpc.aio.Server | None = None
+        self._metrics_server: MetricsServer | None = None
+        self.ports: Ports | None = None
+
+    async def start(self) -> Ports:
+        server = self.config.server
+        await self.plane.start()
+        self._public = self._public_server(server)
+        self._admin = grpc.aio.server(
+            interceptors=[StatusInterceptor()], options=_server_options(server.max_message_bytes)
+        )
+        admin_pb2_grpc.add_MoatAdminServicer_to_server(AdminServicer(self.plane, self.keys), self._admin)
+        reflection.enable_server_reflection([admin.SERVICE_NAME, reflection.SERVICE_NAME], self._admin)
+        grpc_port = _bind(self._public, server.host, server.grpc_port, server.tls)
+        admin_port = _bind(self._admin, server.host, server.admin_port, server.tls)
+        self._metrics_server = MetricsServer(self.registry, server.host, server.metrics_port)
+        await self._public.start()
+        await self._admin.start()
+        for name in ("", servicer.SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.ports = Ports(grpc=grpc_port, admin=admin_port, metrics=self._metrics_server.port)
+        log.info(json.dumps({"event": "serving", "host": server.host, **self.ports.__dict__,
+                             "models": sorted(self.plane.models)}))
+        return self.ports
+
+    def _public_server(self, server: ServerConfig) -> grpc.aio.Server:
+        public = grpc.aio.server(
+            interceptors=[StatusInterceptor(self.metrics)], options=_server_options(server.max_message_bytes)
+        )
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.plane, self.keys), public
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, public)
+        services = [servicer.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(services, public)
+        return public
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop: in-flight requests get ``grace`` seconds, then state is flushed."""
+        grace = self.config.server.grace_seconds if grace is None else grace
+        started = time.monotonic()
+        await self.health.enter_graceful_shutdown()
+        servers = [s for s in (self._public, self._admin) if s is not None]
+        await asyncio.gather(*(s.stop(grace) for s in servers))
+        await self.plane.close()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        log.info(json.dumps({"event": "stopped", "seconds": round(time.monotonic() - started, 3)}))
+
+    async def wait_for_termination(self) -> None:
+        if self._public is not None:
+            await self._public.wait_for_termination()
+
+
+def build_gateway(config: GatewayConfig, registry: CollectorRegistry | None = None) -> Gateway:
+    """Validate everything the config names (keys file, backends) and build the gateway."""
+    return Gateway(config, registry)

@@ -1,0 +1,79 @@
+"""A real KServe ModelServer used as the upstream in integration tests.
+
+Run in KServe's own virtualenv (kserve pins grpcio/protobuf versions of its own):
+``python kserve_upstream.py --grpc_port N --http_port M``. It parses ``sys.argv`` at import and
+owns its event loop, so it always runs as a subprocess, never inside pytest.
+
+Models:
+- ``tiny-classifier``: FP32 [-1, 4] -> softmax of a fixed linear map, FP32 [-1, 3].
+- ``mixed``: FP16 ``half`` [-1, 2], UINT8 ``byte`` [-1, 2], INT64 ``long`` [-1, 2] -> each doubled,
+  plus FP32 ``total`` [-1]: the row sums, to show every datatype crossing the gateway.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
+from kserve.protocol.infer_type import InferInput  # noqa: F401  (documents the request type)
+
+WEIGHTS = np.array([[1.0, -2.0, 0.5], [0.3, 0.8, -1.0], [-0.7, 0.1, 2.0], [1.5, 0.0, -0.5]], np.float32)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _output(name: str, array: np.ndarray, datatype: str) -> InferOutput:
+    out = InferOutput(name=name, shape=list(array.shape), datatype=datatype)
+    out.set_data_from_numpy(array, binary_data=True)
+    return out
+
+
+class TinyClassifier(Model):
+    def __init__(self) -> None:
+        super().__init__("tiny-classifier")
+        self.ready = True
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]
+
+    async def predict(self, payload: InferRequest, headers: dict | None = None, response_headers=None) -> InferResponse:
+        x = payload.inputs[0].as_numpy().astype(np.float32)
+        probabilities = _softmax(x @ WEIGHTS)
+        return InferResponse(model_name=self.name, infer_outputs=[_output("probabilities", probabilities, "FP32")],
+                             response_id=payload.id)
+
+
+class Mixed(Model):
+    def __init__(self) -> None:
+        super().__init__("mixed")
+        self.ready = True
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": "half", "datatype": "FP16", "shape": [-1, 2]},
+                {"name": "byte", "datatype": "UINT8", "shape": [-1, 2]},
+                {"name": "long", "datatype": "INT64", "shape": [-1, 2]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": "half2", "datatype": "FP16", "shape": [-1, 2]},
+                {"name": "byte2", "datatype": "UINT8", "shape": [-1, 2]},
+                {"name": "long2", "datatype": "INT64", "shape": [-1, 2]},
+                {"name": "total", "datatype": "FP32", "shape": [-1]}]
+
+    async def predict(self, payload: InferRequest, headers: dict | None = None, response_headers=None) -> InferResponse:
+        arrays = {i.name: i.as_numpy() for i in payload.inputs}
+        half, byte, long = arrays["half"], arrays["byte"], arrays["long"]
+        total = (half.astype(np.float32).sum(1) + byte.astype(np.float32).sum(1) + long.astype(np.float32).sum(1))
+        outputs = [_output("half2", (half * 2).astype(np.float16), "FP16"),
+                   _output("byte2", (byte * 2).astype(np.uint8), "UINT8"),
+                   _output("long2", (long * 2).astype(np.int64), "INT64"),
+                   _output("total", total.astype(np.float32), "FP32")]
+        return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id)
+
+
+if __name__ == "__main__":
+    ModelServer(workers=1).start([TinyClassifier(), Mixed()])
