@@ -8,13 +8,17 @@ Models:
 - ``tiny-classifier``: FP32 [-1, 4] -> softmax of a fixed linear map, FP32 [-1, 3].
 - ``mixed``: FP16 ``half`` [-1, 2], UINT8 ``byte`` [-1, 2], INT64 ``long`` [-1, 2] -> each doubled,
   plus FP32 ``total`` [-1]: the row sums, to show every datatype crossing the gateway.
+- ``spy``: FP32 ``x`` [-1, 1] -> INT64 ``credentials_seen`` [-1]: how many credential headers
+  (authorization, x-api-key) reached this server; the gateway must forward none.
+- ``slow``: FP32 ``seconds`` [1] -> the same after sleeping that long (deadline propagation).
 """
+
+import asyncio
 
 from __future__ import annotations
 
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
-from kserve.protocol.infer_type import InferInput  # noqa: F401  (documents the request type)
 
 WEIGHTS = np.array([[1.0, -2.0, 0.5], [0.3, 0.8, -1.0], [-0.7, 0.1, 2.0], [1.5, 0.0, -0.5]], np.float32)
 
@@ -75,5 +79,42 @@ class Mixed(Model):
         return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id)
 
 
+class Spy(Model):
+    def __init__(self) -> None:
+        super().__init__("spy")
+        self.ready = True
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": "x", "datatype": "FP32", "shape": [-1, 1]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": "credentials_seen", "datatype": "INT64", "shape": [-1]}]
+
+    async def predict(self, payload: InferRequest, headers: dict | None = None, response_headers=None) -> InferResponse:
+        seen = sum(1 for name in (headers or {}) if name.lower() in ("authorization", "x-api-key"))
+        batch = payload.inputs[0].as_numpy().shape[0]
+        counts = np.full((batch,), seen, dtype=np.int64)
+        return InferResponse(model_name=self.name, infer_outputs=[_output("credentials_seen", counts, "INT64")],
+                             response_id=payload.id)
+
+
+class Slow(Model):
+    def __init__(self) -> None:
+        super().__init__("slow")
+        self.ready = True
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": "seconds", "datatype": "FP32", "shape": [1]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": "seconds", "datatype": "FP32", "shape": [1]}]
+
+    async def predict(self, payload: InferRequest, headers: dict | None = None, response_headers=None) -> InferResponse:
+        seconds = payload.inputs[0].as_numpy().astype(np.float32)
+        await asyncio.sleep(float(seconds[0]))
+        return InferResponse(model_name=self.name, infer_outputs=[_output("seconds", seconds, "FP32")],
+                             response_id=payload.id)
+
+
 if __name__ == "__main__":
-    ModelServer(workers=1).start([TinyClassifier(), Mixed()])
+    ModelServer(workers=1).start([TinyClassifier(), Mixed(), Spy(), Slow()])

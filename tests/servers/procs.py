@@ -1,0 +1,124 @@
+"""Start and stop the real servers tests need: moat itself, KServe, Redis. No protos imported
+here, so both test groups (moat's stubs, and the stock tritonclient) can use these helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Poll ``check`` until it returns a truthy value; ``TimeoutError`` naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def grpc_ready(address: str, timeout: float = 0.5) -> bool:
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
+
+
+@dataclass
+class Proc:
+    """A child process whose output goes to a log file."""
+
+    popen: subprocess.Popen
+    log: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait(timeout=10)
+
+
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
+    handle = log.open("w")
+    popen = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
+                             env={**os.environ, **(env or {})}, start_new_session=True)
+    return Proc(popen, log)
+
+
+def kserve_python() -> str:
+    path = os.environ.get("MOAT_KSERVE_PYTHON", str(REPO / ".venv-kserve" / "bin" / "python"))
+    if not Path(path).exists():
+        raise RuntimeError(f"KServe's virtualenv is missing at {path}: run `make setup`")
+    return path
+
+
+def start_kserve(workdir: Path, grpc_port: int | None = None) -> Proc:
+    """Start tests/servers/kserve_upstream.py; ``info['grpc_port']`` is its gRPC port."""
+    port = grpc_port or free_port()
+    proc = _spawn([kserve_python(), str(REPO / "tests/servers/kserve_upstream.py"),
+                   "--grpc_port", str(port), "--http_port", str(free_port())],
+                  workdir / f"kserve-{port}.log")
+    proc.info["grpc_port"] = port
+    try:
+        wait_until(lambda: proc.popen.poll() is not None or grpc_ready(f"127.0.0.1:{port}"), 60, "KServe")
+    except TimeoutError:
+        proc.stop(signal.SIGKILL)
+        raise
+    if proc.popen.poll() is not None:
+        raise RuntimeError(f"KServe exited early:\n{proc.output()[-3000:]}")
+    return proc
+
+
+def start_gateway(config: Path, workdir: Path, *args: str, timeout: float = 300) -> Proc:
+    """Run ``moat serve`` on free ports; ``info`` holds the ports from its 'serving' log line."""
+    proc = _spawn([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
+                   "--grpc-port", "0", "--admin-port", "0", "--metrics-port", "0", *args],
+                  workdir / f"gateway-{time.monotonic_ns()}.log")
+
+    def serving() -> dict[str, Any] | None:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"moat serve exited with {proc.popen.returncode}:\n{proc.output()[-3000:]}")
+        for line in proc.output().splitlines():
+            if '"event": "serving"' in line:
+                return json.loads(line)
+        return None
+
+    try:
+        proc.info.update(wait_until(serving, timeout, "moat serve to listen", interval=0.2))
+    except TimeoutError:
+        proc.stop(signal.SIGKILL)
+        raise
+    return proc
