@@ -13,9 +13,9 @@ Models:
 - ``slow``: FP32 ``seconds`` [1] -> the same after sleeping that long (deadline propagation).
 """
 
-import asyncio
-
 from __future__ import annotations
+
+import asyncio
 
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
