@@ -3,12 +3,10 @@ here, so both test groups (moat's stubs, and the stock tritonclient) can use the
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+
+from evaluation.endpoint import launch_gateway
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -28,11 +28,11 @@ def free_port() -> int:
 
 
 def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll ``check`` until it returns a truthy value; ``TimeoutError`` naming ``what``."""
+    """Poll ``check`` until it returns something other than None or False; ``TimeoutError`` naming ``what``."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
-        if value:
+        if value is not None and value is not False:
             return value
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
@@ -104,21 +104,6 @@ def start_kserve(workdir: Path, grpc_port: int | None = None) -> Proc:
 
 def start_gateway(config: Path, workdir: Path, *args: str, timeout: float = 300) -> Proc:
     """Run ``moat serve`` on free ports; ``info`` holds the ports from its 'serving' log line."""
-    proc = _spawn([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
-                   "--grpc-port", "0", "--admin-port", "0", "--metrics-port", "0", *args],
-                  workdir / f"gateway-{time.monotonic_ns()}.log")
-
-    def serving() -> dict[str, Any] | None:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"moat serve exited with {proc.popen.returncode}:\n{proc.output()[-3000:]}")
-        for line in proc.output().splitlines():
-            if '"event": "serving"' in line:
-                return json.loads(line)
-        return None
-
-    try:
-        proc.info.update(wait_until(serving, timeout, "moat serve to listen", interval=0.2))
-    except TimeoutError:
-        proc.stop(signal.SIGKILL)
-        raise
-    return proc
+    launched = launch_gateway(config, workdir / f"gateway-{time.monotonic_ns()}.log", *args,
+                              timeout=timeout, cwd=REPO)
+    return Proc(launched.popen, launched.log, dict(launched.ports))
