@@ -299,7 +299,7 @@ def load_image_folder(root: str | os.PathLike[str], size: int | tuple[int, int] 
     if channels is None:
         channels = 1 if all(p.mode in ("L", "1", "I;16", "I") for p in pics) else 3
     arrays = []
-    for (f, _), im in zip(files, pics):
+    for (f, _), im in zip(files, pics, strict=True):
         im = im.convert("L" if channels == 1 else "RGB")
         if target is not None:
             im = im.resize((target[1], target[0]), Image.BILINEAR)

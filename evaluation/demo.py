@@ -33,7 +33,7 @@ def _classify(client: triton.InferenceServerClient, classes: tuple[str, ...]) ->
     result = client.infer("fashion-classifier", _input(test.images[:8]), headers=ALICE)
     probabilities = result.as_numpy("probabilities")
     print("\nfashion-classifier, 8 test images (as alice):")
-    for label, row in zip(test.labels[:8], probabilities):
+    for label, row in zip(test.labels[:8], probabilities, strict=True):
         mark = "ok" if row.argmax() == label else "WRONG"
         print(f"  true {classes[label]:<12} predicted {classes[row.argmax()]:<12} p={row.max():.3f}  {mark}")
     correct = 0

@@ -33,7 +33,7 @@ class AdminServicer(pb_grpc.MoatAdminServicer):
                 name=name, kind=self._plane.models[name].config.kind,
                 backend=self._plane.models[name].config.backend.name, ready=is_ready,
             )
-            for name, is_ready in zip(names, ready)
+            for name, is_ready in zip(names, ready, strict=True)
         ]
         return pb.GetServerInfoResponse(
             version=__version__, uptime_seconds=time.monotonic() - self._started, models=models

@@ -84,8 +84,8 @@ def _table(result: dict) -> str:
         return json.dumps(result, indent=2)
     columns = list(rows[0])
     widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in columns]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths)) for r in rows]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)) for r in rows]
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ from gateway.types import InferRequest, ModelMetadata, TensorSpec, datatype_of
 
 
 def _shape_fits(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:
-    return len(shape) == len(declared) and all(d == -1 or d == s for s, d in zip(shape, declared))
+    return len(shape) == len(declared) and all(d == -1 or d == s for s, d in zip(shape, declared, strict=True))
 
 
 def _check_tensor(name: str, array: np.ndarray, spec: TensorSpec, max_batch_size: int) -> None:

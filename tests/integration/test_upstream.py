@@ -13,7 +13,6 @@ from gateway.config import ComponentConfig
 from gateway.errors import DeadlineExceeded, Unavailable
 from gateway.types import InferRequest
 from protos import inference_pb2 as pb
-from protos import inference_pb2_grpc
 from tests.integration.conftest import ALICE, BOB, GatewayFactory, stub, upstream_model
 from tests.servers.procs import Proc, free_port
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from evaluation.endpoint import launch_gateway
+from evaluation.endpoint import GatewayProcess, launch_gateway
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -51,24 +51,10 @@ def grpc_ready(address: str, timeout: float = 0.5) -> bool:
 
 
 @dataclass
-class Proc:
-    """A child process whose output goes to a log file."""
+class Proc(GatewayProcess):
+    """A child process whose output goes to a log file; ``info`` holds what tests need of it."""
 
-    popen: subprocess.Popen
-    log: Path
     info: dict[str, Any] = field(default_factory=dict)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            return self.popen.wait(timeout=10)
 
 
 def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
@@ -106,4 +92,4 @@ def start_gateway(config: Path, workdir: Path, *args: str, timeout: float = 300)
     """Run ``moat serve`` on free ports; ``info`` holds the ports from its 'serving' log line."""
     launched = launch_gateway(config, workdir / f"gateway-{time.monotonic_ns()}.log", *args,
                               timeout=timeout, cwd=REPO)
-    return Proc(launched.popen, launched.log, dict(launched.ports))
+    return Proc(launched.popen, launched.log, launched.ports, info=dict(launched.ports))

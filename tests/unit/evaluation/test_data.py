@@ -51,7 +51,7 @@ def test_fashion_mnist_shapes_and_balance(split: str, n: int) -> None:
     assert isinstance(ds, ImageDataset)
     assert ds.images.shape == (n, 1, 28, 28) and ds.images.dtype == np.float32
     assert ds.labels is not None and ds.labels.shape == (n,) and ds.labels.dtype == np.int64
-    assert 0.0 <= ds.images.min() and ds.images.max() <= 1.0 and ds.images.max() > 0.99
+    assert ds.images.min() >= 0.0 and ds.images.max() <= 1.0 and ds.images.max() > 0.99
     assert ds.labels.min() == 0 and ds.labels.max() == 9
     np.testing.assert_array_equal(np.bincount(ds.labels), np.full(10, n // 10))  # exactly balanced
     assert len(ds.classes) == 10 and ds.classes[9] == "Ankle boot"
