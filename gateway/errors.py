@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import grpc
 
+from gateway.params import ConfigError  # noqa: F401  (re-exported: one error hierarchy)
+
 
 class GatewayError(Exception):
     """An error whose reason is safe to show to the caller.
@@ -53,12 +55,3 @@ class Unavailable(GatewayError):
 
 class DeadlineExceeded(GatewayError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-class ConfigError(ValueError):
-    """A configuration problem found at build time; the message names the offending field."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem

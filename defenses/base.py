@@ -1,0 +1,57 @@
+"""The defense contract: turn a clean answer into the one a client receives.
+
+Defenses are pure numpy: no grpc, no protobuf. Any randomness is a deterministic function of
+(server secret, client, query), so repeating a query and averaging recovers nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from detectors.base import ModelKind, QueryBatch, Verdict
+from gateway.registry import Registry
+
+
+@dataclass(frozen=True)
+class DefenseContext:
+    """What a defense may base its answer on.
+
+    Attributes:
+        client: the authenticated client id.
+        batch: the queries and clean answers (``batch.outputs`` float32 [B, K]).
+        verdicts: detector name -> verdict after this batch.
+        suspicion: the policy's combined suspicion in [0, 1].
+        flagged: whether the policy considers the client a likely thief.
+    """
+
+    client: str
+    batch: QueryBatch
+    verdicts: Mapping[str, Verdict] = field(default_factory=dict)
+    suspicion: float = 0.0
+    flagged: bool = False
+
+
+@runtime_checkable
+class Defense(Protocol):
+    name: str
+
+    def apply(self, outputs: Any, context: DefenseContext) -> Any:
+        """Return the answer to send: same shape and dtype as ``outputs`` (float32 [B, K]);
+        for classifiers every row stays a probability distribution."""
+        ...
+
+
+DEFENSES: Registry[Defense] = Registry("defense")
+
+
+def create_defense(name: str, params: Mapping[str, Any], *, kind: ModelKind, secret: bytes) -> Defense:
+    """Build a registered defense; ``ParamError`` names a bad parameter, and a defense that does
+    not apply to ``kind`` raises ``ParamError('name', ...)``."""
+    _import_builtin()
+    return DEFENSES.get(name)(params, kind=kind, secret=secret)
+
+
+def _import_builtin() -> None:
+    from defenses import b4b, misinformation, perturbations  # noqa: F401  (register themselves)

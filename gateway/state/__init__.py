@@ -1,0 +1,5 @@
+"""Per-client state shared by detectors, defenses, alerts and evidence, behind one interface."""
+
+from gateway.state.base import STATE_STORES, StateStore, create_store
+
+__all__ = ["STATE_STORES", "StateStore", "create_store"]

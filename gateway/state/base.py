@@ -1,0 +1,126 @@
+"""The state-store contract: what detectors, defenses, alerts and evidence keep per client.
+
+Stores hold a few kinds of values under string keys (callers build keys such as
+``"cov/<model>/<client>"``; :func:`client_key` does it consistently):
+
+- **bitmaps** of a fixed number of bits, split into equal segments (B4B's per-table bucket sets);
+- **hashes** of numeric fields (counters, thresholds, suspicion) and text fields (status);
+- **bounded lists** of fixed-width float32 rows (PRADA's growing sets) or float64 values;
+- **streams** of JSON records with increasing integer ids (alerts, watermark evidence).
+
+Every method is atomic on its own, so concurrent requests lose no update; the store is the
+source of truth so that gateway replicas can share it. Implementations: ``memory`` (tests and
+single-process experiments), ``sqlite`` (the embedded default, one WAL file that survives
+restarts) and ``redis`` (shared by replicas). Methods are synchronous: the gateway calls them
+from a worker thread, and researchers can use them offline without an event loop.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from gateway.params import ConfigError
+from gateway.registry import Registry
+
+
+def client_key(kind: str, model: str, client: str, *parts: str) -> str:
+    """The key of one kind of state of one client on one model, e.g. ``cov/clf/alice``."""
+    return "/".join((kind, model, client, *parts))
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Durable per-client state; see the module docstring for the value kinds."""
+
+    def set_bits(self, key: str, positions: np.ndarray, total_bits: int, segment_bits: int) -> np.ndarray:
+        """Set ``positions`` (int64 [n], each in [0, total_bits)) and return the number of set bits
+        in each segment: int64 [total_bits // segment_bits]. Creates the bitmap when absent."""
+        ...
+
+    def count_bits(self, key: str, total_bits: int, segment_bits: int) -> np.ndarray:
+        """Set bits per segment, int64 [total_bits // segment_bits]; zeros when absent."""
+        ...
+
+    def bitmap_bytes(self, key: str) -> int:
+        """Bytes the bitmap takes in the store (0 when absent)."""
+        ...
+
+    def incr(self, key: str, fields: Mapping[str, float]) -> dict[str, float]:
+        """Add each amount to its numeric field (absent = 0) and return the new values."""
+        ...
+
+    def set_fields(self, key: str, fields: Mapping[str, float | str]) -> None:
+        """Overwrite fields of a hash."""
+        ...
+
+    def get_fields(self, key: str) -> dict[str, float | str]:
+        """All fields of a hash; numbers come back as float, text as str; empty when absent."""
+        ...
+
+    def push_rows(self, key: str, rows: np.ndarray, max_rows: int) -> int:
+        """Append float32 rows [n, d] (d fixed per key), keep the newest ``max_rows``; return the count."""
+        ...
+
+    def get_rows(self, key: str, dim: int) -> np.ndarray:
+        """The stored rows, float32 [n, dim], oldest first; [0, dim] when absent."""
+        ...
+
+    def append_record(self, stream: str, record: Mapping[str, Any], max_records: int | None = None) -> int:
+        """Append a JSON-serialisable record; return its id (increasing per stream, from 1).
+        With ``max_records`` the oldest records beyond it are dropped."""
+        ...
+
+    def read_records(self, stream: str, after_id: int = 0, limit: int = 1000) -> list[tuple[int, dict[str, Any]]]:
+        """Records with id > ``after_id``, oldest first, at most ``limit``."""
+        ...
+
+    def delete(self, prefix: str) -> int:
+        """Delete every key and stream starting with ``prefix``; return how many went."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release; the store must not be used afterwards."""
+        ...
+
+
+STATE_STORES: Registry[StateStore] = Registry("state store")
+_STORE_MODULES = {
+    "memory": "gateway.state.memory",
+    "sqlite": "gateway.state.sqlite",
+    "redis": "gateway.state.redis_store",
+}
+
+
+def create_store(name: str, params: Mapping[str, Any], where: str = "state") -> StateStore:
+    """Build the store registered as ``name``; ``ConfigError`` names the bad field."""
+    module = _STORE_MODULES.get(name)
+    if module is not None and name not in STATE_STORES:
+        importlib.import_module(module)
+    try:
+        factory = STATE_STORES.get(name)
+    except KeyError:
+        valid = ", ".join(sorted(set(STATE_STORES.names()) | set(_STORE_MODULES)))
+        raise ConfigError(f"{where}.name", f"unknown state store {name!r}; valid: {valid}") from None
+    return factory(params, f"{where}.params")
+
+
+def segment_counts(bits: np.ndarray, segment_bits: int) -> np.ndarray:
+    """Set bits per segment of a packed little-endian-bit bitmap (uint8 [total_bits // 8])."""
+    unpacked = np.unpackbits(bits, bitorder="little")
+    return unpacked.reshape(-1, segment_bits).sum(axis=1, dtype=np.int64)
+
+
+def packed_with_bits(bits: np.ndarray | None, positions: np.ndarray, total_bits: int) -> np.ndarray:
+    """A copy of the packed bitmap (uint8 [total_bits // 8]) with ``positions`` set."""
+    if total_bits % 8:
+        raise ValueError(f"total_bits must be a multiple of 8, got {total_bits}")
+    out = np.zeros(total_bits // 8, np.uint8) if bits is None else bits.copy()
+    positions = np.asarray(positions, dtype=np.int64)
+    if positions.size and (positions.min() < 0 or positions.max() >= total_bits):
+        raise ValueError(f"bit positions must lie in [0, {total_bits})")
+    np.bitwise_or.at(out, positions >> 3, (1 << (positions & 7)).astype(np.uint8))
+    return out
