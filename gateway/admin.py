@@ -4,50 +4,123 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
 from gateway import __version__
-from gateway.auth import KeyStore
+from gateway.alerts import AlertSink
+from gateway.auth import Client, KeyStore
+from gateway.errors import GatewayError, ModelNotFound
 from gateway.pipeline import DataPlane
 from protos import admin_pb2 as pb
 from protos import admin_pb2_grpc as pb_grpc
 
 SERVICE_NAME = "moat.admin.v1.MoatAdmin"
+ALERT_POLL_SECONDS = 0.2
+
+
+def _model_state(model: str, fields: dict[str, float | str]) -> pb.ClientModelState:
+    figures = {k: float(v) for k, v in fields.items() if "." in k and isinstance(v, float)}
+    return pb.ClientModelState(
+        model=model, queries=int(float(fields.get("queries", 0))),
+        coverage=float(fields.get("coverage.coverage", 0.0)), suspicion=float(fields.get("suspicion", 0.0)),
+        status=str(fields.get("status", "ok")), figures=figures,
+    )
+
+
+def _alert(record_id: int, record: dict[str, Any]) -> pb.Alert:
+    return pb.Alert(
+        id=record_id, time=record["time"], time_iso=record["time_iso"], client_id=record["client"],
+        model=record["model"], detector=record["detector"], figures=record["figures"], action=record["action"],
+    )
 
 
 class AdminServicer(pb_grpc.MoatAdminServicer):
-    def __init__(self, plane: DataPlane, keys: KeyStore, started: float | None = None) -> None:
+    def __init__(self, plane: DataPlane, keys: KeyStore, alerts: AlertSink, started: float | None = None) -> None:
         self._plane = plane
         self._keys = keys
+        self._alerts = alerts
         self._started = time.monotonic() if started is None else started
 
-    async def GetServerInfo(
-        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetServerInfoResponse:
+    def _run(self, function: Any, *args: Any) -> Any:
+        """Store reads run off the event loop, like the data plane's."""
+        return asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
         self._keys.check_admin(context.invocation_metadata())
         names = sorted(self._plane.models)
         ready = await asyncio.gather(*(self._plane.model_ready(name) for name in names))
-        models = [
-            pb.ModelInfo(
-                name=name, kind=self._plane.models[name].config.kind,
-                backend=self._plane.models[name].config.backend.name, ready=is_ready,
-            )
-            for name, is_ready in zip(names, ready, strict=True)
+        models = []
+        for name, is_ready in zip(names, ready, strict=True):
+            config = self._plane.models[name].config
+            models.append(pb.ModelInfo(
+                name=name, kind=config.kind, backend=config.backend.name, ready=is_ready,
+                detectors=[c.name for c in config.detectors], defenses=[c.name for c in config.defenses],
+            ))
+        return pb.GetServerInfoResponse(version=__version__, uptime_seconds=time.monotonic() - self._started,
+                                        models=models)
+
+    def _summary(self, client: Client) -> pb.ClientSummary:
+        traffic = self._plane.traffic.get(client.id)
+        states = [
+            _model_state(name, served.protection.client_state(client.id))
+            for name, served in sorted(self._plane.models.items()) if served.protection is not None
         ]
-        return pb.GetServerInfoResponse(
-            version=__version__, uptime_seconds=time.monotonic() - self._started, models=models
+        return pb.ClientSummary(
+            client_id=client.id, tier=client.tier, requests=traffic.requests if traffic else 0,
+            errors=traffic.errors if traffic else 0, models=states,
         )
 
-    async def ListClients(
-        self, request: pb.ListClientsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListClientsResponse:
+    async def ListClients(self, request: pb.ListClientsRequest, context: grpc.aio.ServicerContext) -> pb.ListClientsResponse:
         self._keys.check_admin(context.invocation_metadata())
-        summaries = []
-        for client in self._keys.clients:
-            traffic = self._plane.traffic.get(client.id)
-            summaries.append(pb.ClientSummary(
-                client_id=client.id, tier=client.tier,
-                requests=traffic.requests if traffic else 0, errors=traffic.errors if traffic else 0,
-            ))
+        clients = self._keys.clients
+        summaries = await self._run(lambda: [self._summary(client) for client in clients])
         return pb.ListClientsResponse(clients=summaries)
+
+    def _client(self, client_id: str) -> Client:
+        client = next((c for c in self._keys.clients if c.id == client_id), None)
+        if client is None:
+            raise ModelNotFound(f"unknown client '{client_id}'")
+        return client
+
+    async def GetClient(self, request: pb.ClientRequest, context: grpc.aio.ServicerContext) -> pb.ClientSummary:
+        self._keys.check_admin(context.invocation_metadata())
+        return await self._run(self._summary, self._client(request.client_id))
+
+    def _protections(self, model: str) -> list[Any]:
+        if model:
+            return [p for p in [self._plane.model(model).protection] if p is not None]
+        return [served.protection for served in self._plane.models.values() if served.protection is not None]
+
+    async def UnblockClient(self, request: pb.ClientRequest, context: grpc.aio.ServicerContext) -> pb.ClientActionResponse:
+        self._keys.check_admin(context.invocation_metadata())
+        client = self._client(request.client_id)
+        protections = self._protections(request.model)
+        changed = await self._run(lambda: sum(p.unblock(client.id) for p in protections))
+        return pb.ClientActionResponse(changed=changed)
+
+    async def ResetClient(self, request: pb.ClientRequest, context: grpc.aio.ServicerContext) -> pb.ClientActionResponse:
+        self._keys.check_admin(context.invocation_metadata())
+        client = self._client(request.client_id)
+        protections = self._protections(request.model)
+        changed = await self._run(lambda: sum(1 for p in protections if p.reset(client.id)))
+        return pb.ClientActionResponse(changed=changed)
+
+    async def ListAlerts(self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext) -> pb.ListAlertsResponse:
+        self._keys.check_admin(context.invocation_metadata())
+        records = await self._run(self._alerts.read, request.after_id, request.limit or 100)
+        return pb.ListAlertsResponse(alerts=[_alert(i, r) for i, r in records])
+
+    async def StreamAlerts(self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Alert]:
+        try:
+            self._keys.check_admin(context.invocation_metadata())
+        except GatewayError as error:  # the status interceptor only wraps unary calls
+            await context.abort(error.code, error.reason)
+        after = request.after_id
+        while True:
+            for record_id, record in await self._run(self._alerts.read, after, 1000):
+                after = record_id
+                yield _alert(record_id, record)
+            await asyncio.sleep(ALERT_POLL_SECONDS)

@@ -133,8 +133,8 @@ def _client(entry: Any, where: str) -> tuple[str, Client]:
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}", "unknown field; valid: id, key_sha256, tier")
     client_id = entry.get("id")
-    if not isinstance(client_id, str) or not client_id:
-        raise ConfigError(f"{where}.id", "must be a non-empty string")
+    if not isinstance(client_id, str) or not client_id or "/" in client_id:
+        raise ConfigError(f"{where}.id", "must be a non-empty string without '/'")
     tier = entry.get("tier", "standard")
     if not isinstance(tier, str) or not tier:
         raise ConfigError(f"{where}.tier", "must be a non-empty string")

@@ -7,6 +7,8 @@ Relative paths are resolved against the config file's directory.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,19 @@ class ServerConfig:
 @dataclass(frozen=True)
 class AuthConfig:
     keys_file: Path
+    # The server secret keys LSH hyperplanes, per-client transforms, noise and watermarks.
+    server_secret_file: Path | None = None
+    server_secret_env: str | None = None
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """How a model reads its detectors' combined suspicion (the max of their scores, in [0, 1])."""
+
+    flag_at: float = 1.0
+    throttle_at: float | None = None
+    throttle_per_second: float = 1.0
+    block_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,13 @@ class ModelConfig:
     backend: ComponentConfig
     # Largest batch one request may carry; bigger requests are refused with INVALID_ARGUMENT.
     max_batch_size: int = 1024
+    detectors: tuple[ComponentConfig, ...] = ()
+    defenses: tuple[ComponentConfig, ...] = ()
+    policy: PolicyConfig = PolicyConfig()
+
+    @property
+    def protected(self) -> bool:
+        return bool(self.detectors or self.defenses)
 
 
 @dataclass(frozen=True)
@@ -67,6 +89,7 @@ class GatewayConfig:
     server: ServerConfig
     auth: AuthConfig
     models: tuple[ModelConfig, ...]
+    state: ComponentConfig = ComponentConfig("memory")
     source: Path | None = None
 
 
@@ -171,7 +194,8 @@ def _models(data: Any) -> tuple[ModelConfig, ...]:
         raise ConfigError("models", "must be a non-empty list of model entries")
     models: list[ModelConfig] = []
     for index, entry in enumerate(data):
-        fields = _Fields(entry, f"models[{index}]", {"name", "kind", "backend", "max_batch_size"})
+        fields = _Fields(entry, f"models[{index}]", {
+            "name", "kind", "backend", "max_batch_size", "detectors", "defenses", "policy"})
         name = fields.get("name", str)
         if not name or "/" in name:
             raise ConfigError(fields.name("name"), f"must be a non-empty name without '/', got {name!r}")
@@ -184,18 +208,82 @@ def _models(data: Any) -> tuple[ModelConfig, ...]:
         max_batch = fields.get("max_batch_size", int, 1024)
         if max_batch < 1:
             raise ConfigError(fields.name("max_batch_size"), f"must be >= 1, got {max_batch}")
-        models.append(ModelConfig(name=name, kind=kind, backend=backend, max_batch_size=max_batch))
+        models.append(ModelConfig(
+            name=name, kind=kind, backend=backend, max_batch_size=max_batch,
+            detectors=_components(fields, "detectors"), defenses=_components(fields, "defenses"),
+            policy=_policy(fields.data.get("policy"), fields.name("policy")),
+        ))
     return tuple(models)
+
+
+def _components(fields: _Fields, key: str) -> tuple[ComponentConfig, ...]:
+    entries = fields.get(key, list, [])
+    components = tuple(_component(entry, f"{fields.name(key)}[{i}]") for i, entry in enumerate(entries))
+    names = [c.name for c in components]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(fields.name(key), f"lists {duplicate!r} twice")
+    return components
+
+
+def _threshold(fields: _Fields, key: str, default: float | None) -> float | None:
+    value = fields.get(key, (int, float, type(None)), default)
+    if value is not None and not 0 <= value <= 1:
+        raise ConfigError(fields.name(key), f"must be a suspicion level in [0, 1], got {value}")
+    return None if value is None else float(value)
+
+
+def _policy(data: Any, path: str) -> PolicyConfig:
+    fields = _Fields(data or {}, path, {"flag_at", "throttle_at", "throttle_per_second", "block_at"})
+    rate = fields.get("throttle_per_second", (int, float), 1.0)
+    if rate <= 0:
+        raise ConfigError(fields.name("throttle_per_second"), f"must be > 0, got {rate}")
+    return PolicyConfig(
+        flag_at=_threshold(fields, "flag_at", 1.0),  # type: ignore[arg-type]
+        throttle_at=_threshold(fields, "throttle_at", None),
+        throttle_per_second=float(rate),
+        block_at=_threshold(fields, "block_at", None),
+    )
+
+
+def _auth(fields: _Fields, base: Path) -> AuthConfig:
+    env = fields.get("server_secret_env", str, None)
+    return AuthConfig(
+        keys_file=_path(fields, "keys_file", base),  # type: ignore[arg-type]
+        server_secret_file=_path(fields, "server_secret_file", base, None),
+        server_secret_env=env,
+    )
+
+
+def _expand_env(value: Any) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of the document."""
+    if isinstance(value, str):
+        return _ENV_PATTERN.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [_expand_env(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _expand_env(item) for key, item in value.items()}
+    return value
+
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> GatewayConfig:
     """Validate a parsed YAML document; relative paths resolve against ``base_dir``."""
-    fields = _Fields(data, "", {"server", "auth", "models"})
-    auth_fields = _Fields(fields.get("auth", Mapping), "auth", {"keys_file"})
+    data = _expand_env(data)
+    fields = _Fields(data, "", {"server", "auth", "models", "state"})
+    auth = _auth(_Fields(fields.get("auth", Mapping), "auth", {
+        "keys_file", "server_secret_file", "server_secret_env"}), base_dir)
+    models = _models(fields.get("models", list))
+    if any(model.protected for model in models) and not (auth.server_secret_file or auth.server_secret_env):
+        raise ConfigError("auth.server_secret_file", "is required when a model has detectors or defenses")
+    state = fields.data.get("state")
     return GatewayConfig(
         server=_server(fields.data.get("server"), base_dir),
-        auth=AuthConfig(keys_file=_path(auth_fields, "keys_file", base_dir)),  # type: ignore[arg-type]
-        models=_models(fields.get("models", list)),
+        auth=auth,
+        models=models,
+        state=ComponentConfig("memory") if state is None else _component(state, "state"),
         source=source,
     )
 

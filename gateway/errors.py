@@ -22,9 +22,13 @@ class GatewayError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, reason: str, *, code: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self, reason: str, *, code: grpc.StatusCode | None = None, trailers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
+        # Extra trailing metadata for the caller, e.g. a retry hint on RESOURCE_EXHAUSTED.
+        self.trailers = trailers
         if code is not None:
             self.code = code
 

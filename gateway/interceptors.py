@@ -55,6 +55,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             except Exception:  # noqa: BLE001 - the catch-all that keeps internals private
                 log.exception("unhandled error in %s", getattr(behavior, "__name__", "handler"))
                 failure = GatewayError("internal error")
+            if failure.trailers:
+                context.set_trailing_metadata(failure.trailers)
             await context.abort(failure.code, failure.reason)
 
         return guarded

@@ -67,8 +67,35 @@ class GatewayMetrics:
             "moat_model_ready", "1 when the model answered its last readiness check.", ["model"],
             registry=registry,
         )
+        self._protection_metrics(registry)
         build = Gauge("moat_build_info", "Gateway version.", ["version"], registry=registry)
         build.labels(version=__version__).set(1)
+
+    def _protection_metrics(self, registry: CollectorRegistry) -> None:
+        self.alerts = Counter(
+            "moat_alerts", "Extraction alerts raised, by model and detector.", ["model", "detector"],
+            registry=registry,
+        )
+        self.flagged_clients = Gauge(
+            "moat_flagged_clients", "Clients this replica currently considers flagged, by model and status.",
+            ["model", "status"], registry=registry,
+        )
+        self.defense_actions = Counter(
+            "moat_defense_actions", "Answers changed by a defense, and escalations (defense=policy).",
+            ["model", "defense", "action"], registry=registry,
+        )
+        self.stage_duration = Histogram(
+            "moat_stage_duration_seconds", "Time spent per pipeline stage.", ["model", "stage"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.coverage = Histogram(
+            "moat_coverage_percent", "B4B coverage of the requesting client, observed per request.",
+            ["model"], buckets=(1, 2, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100), registry=registry,
+        )
+        self.suspicion = Histogram(
+            "moat_suspicion", "Combined suspicion of the requesting client, observed per request.",
+            ["model"], buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0), registry=registry,
+        )
 
     def model_label(self, name: str) -> str:
         """``name`` if it is a configured model, else the bounded placeholder."""

@@ -11,15 +11,23 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
 
 from gateway.auth import Client
 from gateway.backends import Backend
 from gateway.config import ModelConfig
-from gateway.errors import GatewayError, ModelNotFound
+from detectors.base import QueryBatch
+from gateway.errors import GatewayError, ModelNotFound, Unavailable
 from gateway.metrics import GatewayMetrics
+from gateway.protection import ModelProtection
 from gateway.types import InferRequest, InferResponse, ModelMetadata
 from gateway.validation import validate_request
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -28,6 +36,7 @@ class ServedModel:
 
     config: ModelConfig
     backend: Backend
+    protection: ModelProtection | None = None
 
 
 @dataclass
@@ -49,6 +58,8 @@ class DataPlane:
         self._metrics = metrics
         self._clock = clock
         self.traffic: defaultdict[str, ClientTraffic] = defaultdict(ClientTraffic)
+        # The state store is synchronous: detection and defenses run on these threads.
+        self._protect_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="protect")
 
     async def start(self) -> None:
         """Start every backend, in parallel."""
@@ -57,6 +68,7 @@ class DataPlane:
     async def close(self) -> None:
         """Release backends; called once serving has stopped."""
         await asyncio.gather(*(model.backend.close() for model in self.models.values()))
+        self._protect_pool.shutdown(wait=True)
 
     def model(self, name: str, version: str = "") -> ServedModel:
         """The model called ``name``; ``ModelNotFound`` lists the served ones."""
@@ -84,26 +96,61 @@ class DataPlane:
         """Answer ``request`` for ``client``; raises a ``GatewayError`` on any refusal."""
         traffic = self.traffic[client.id]
         try:
-            response = await self._infer(request, deadline)
+            response = await self._infer(client.id, request, deadline)
         except GatewayError:
             traffic.errors += 1
             raise
         traffic.requests += 1
         return response
 
-    async def _infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
+    async def _infer(self, client: str, request: InferRequest, deadline: float | None) -> InferResponse:
         served = self.model(request.model_name)
         metadata = await self.metadata(request.model_name, request.model_version)
         validate_request(request, metadata, served.config.max_batch_size)
+        protection = served.protection
+        if protection is not None:
+            started = self._clock()
+            await self._in_pool(protection.admit, client)
+            self._stage("admission", request.model_name, started)
         started = self._clock()
         response = await served.backend.infer(request, deadline)
         self._metrics.backend_duration.labels(
             model=request.model_name, backend=served.config.backend.name
         ).observe(self._clock() - started)
+        if protection is not None:
+            await self._protect(served, client, request, response, metadata)
         response.outputs = _selected_outputs(response, metadata, request.requested_outputs)
         response.id = request.id
         response.model_version = request.model_version
         return response
+
+
+    async def _protect(
+        self, served: ServedModel, client: str, request: InferRequest, response: InferResponse,
+        metadata: ModelMetadata,
+    ) -> None:
+        """Detect and defend on the primary (first declared) input and output."""
+        primary_in, primary_out = metadata.inputs[0], metadata.outputs[0]
+        inputs = np.asarray(request.inputs[primary_in.name], dtype=np.float32)
+        embeddings = None
+        features = getattr(served.backend, "features", None)
+        if served.config.kind == "classifier" and features is not None:
+            embeddings = await features(inputs)
+        batch = QueryBatch(model=served.config.name, kind=served.config.kind, inputs=inputs,
+                           outputs=np.asarray(response.outputs[primary_out.name], dtype=np.float32),
+                           embeddings=embeddings)
+        outcome = await self._in_pool(served.protection.protect, client, batch)  # type: ignore[union-attr]
+        response.outputs[primary_out.name] = outcome.outputs.astype(primary_out.dtype, copy=False)
+
+    async def _in_pool(self, function: Callable[..., T], *args: Any) -> T:
+        """Run a state-store-bound call on the protect pool; a store outage is UNAVAILABLE."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._protect_pool, function, *args)
+        except (ConnectionError, TimeoutError, OSError) as error:
+            raise Unavailable("the state store is unavailable; try again") from error
+
+    def _stage(self, stage: str, model: str, started: float) -> None:
+        self._metrics.stage_duration.labels(model=model, stage=stage).observe(self._clock() - started)
 
 
 def _selected_outputs(

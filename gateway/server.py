@@ -21,12 +21,17 @@ from prometheus_client import CollectorRegistry
 
 from gateway import admin, servicer
 from gateway.admin import AdminServicer
+from gateway.alerts import AlertSink
 from gateway.auth import KeyStore
 from gateway.backends import create_backend
 from gateway.config import GatewayConfig, ServerConfig, TLSConfig
 from gateway.interceptors import StatusInterceptor
 from gateway.metrics import GatewayMetrics, MetricsServer
+from gateway.params import ConfigError
 from gateway.pipeline import DataPlane, ServedModel
+from gateway.protection import ModelProtection
+from gateway.secrets import load_server_secret
+from gateway.state import StateStore, create_store
 from gateway.servicer import InferenceServicer
 from protos import admin_pb2_grpc, inference_pb2_grpc
 
@@ -60,16 +65,28 @@ def _bind(server: grpc.aio.Server, host: str, port: int, tls: TLSConfig | None) 
     return bound
 
 
-def build_plane(config: GatewayConfig, metrics: GatewayMetrics) -> DataPlane:
-    """Build every model's backend; ``ConfigError`` names the field of a bad one."""
+def build_plane(
+    config: GatewayConfig, metrics: GatewayMetrics, store: StateStore, secret: bytes | None, alerts: AlertSink,
+) -> DataPlane:
+    """Build every model's backend and protection; ``ConfigError`` names the field of a bad one."""
     models = {}
     for index, model in enumerate(config.models):
         backend = create_backend(
             model.name, model.backend, f"models[{index}].backend",
             max_message_bytes=config.server.max_message_bytes,
         )
-        models[model.name] = ServedModel(config=model, backend=backend)
+        protection = None
+        if model.protected and secret is not None:
+            protection = ModelProtection(model, f"models[{index}]", store, secret, metrics, alerts)
+        models[model.name] = ServedModel(config=model, backend=backend, protection=protection)
     return DataPlane(models, metrics)
+
+
+def _store(config: GatewayConfig) -> StateStore:
+    try:
+        return create_store(config.state.name, config.state.params)
+    except (ConnectionError, OSError) as error:
+        raise ConfigError("state.params", f"cannot open the state store: {error}") from None
 
 
 class Gateway:
@@ -80,7 +97,9 @@ class Gateway:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.keys = KeyStore.from_file(config.auth.keys_file)
         self.metrics = GatewayMetrics(self.registry, [model.name for model in config.models])
-        self.plane = build_plane(config, self.metrics)
+        self.store = _store(config)
+        self.alerts = AlertSink(self.store, self.metrics)
+        self.plane = build_plane(config, self.metrics, self.store, load_server_secret(config.auth), self.alerts)
         self.health = health.aio.HealthServicer()
         self._public: grpc.aio.Server | None = None
         self._admin: grpc.aio.Server | None = None
@@ -94,7 +113,8 @@ class Gateway:
         self._admin = grpc.aio.server(
             interceptors=[StatusInterceptor()], options=_server_options(server.max_message_bytes)
         )
-        admin_pb2_grpc.add_MoatAdminServicer_to_server(AdminServicer(self.plane, self.keys), self._admin)
+        admin_pb2_grpc.add_MoatAdminServicer_to_server(
+            AdminServicer(self.plane, self.keys, self.alerts), self._admin)
         reflection.enable_server_reflection([admin.SERVICE_NAME, reflection.SERVICE_NAME], self._admin)
         grpc_port = _bind(self._public, server.host, server.grpc_port, server.tls)
         admin_port = _bind(self._admin, server.host, server.admin_port, server.tls)
@@ -128,6 +148,8 @@ class Gateway:
         servers = [s for s in (self._public, self._admin) if s is not None]
         await asyncio.gather(*(s.stop(grace) for s in servers))
         await self.plane.close()
+        # Every store write was committed before its answer left; close() flushes what remains.
+        self.store.close()
         if self._metrics_server is not None:
             self._metrics_server.stop()
         log.info(json.dumps({"event": "stopped", "seconds": round(time.monotonic() - started, 3)}))

@@ -44,6 +44,31 @@ class MoatAdminStub:
                 request_serializer=protos_dot_admin__pb2.ListClientsRequest.SerializeToString,
                 response_deserializer=protos_dot_admin__pb2.ListClientsResponse.FromString,
                 _registered_method=True)
+        self.GetClient = channel.unary_unary(
+                '/moat.admin.v1.MoatAdmin/GetClient',
+                request_serializer=protos_dot_admin__pb2.ClientRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.ClientSummary.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/moat.admin.v1.MoatAdmin/ListAlerts',
+                request_serializer=protos_dot_admin__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.StreamAlerts = channel.unary_stream(
+                '/moat.admin.v1.MoatAdmin/StreamAlerts',
+                request_serializer=protos_dot_admin__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.Alert.FromString,
+                _registered_method=True)
+        self.UnblockClient = channel.unary_unary(
+                '/moat.admin.v1.MoatAdmin/UnblockClient',
+                request_serializer=protos_dot_admin__pb2.ClientRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.ClientActionResponse.FromString,
+                _registered_method=True)
+        self.ResetClient = channel.unary_unary(
+                '/moat.admin.v1.MoatAdmin/ResetClient',
+                request_serializer=protos_dot_admin__pb2.ClientRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.ClientActionResponse.FromString,
+                _registered_method=True)
 
 
 class MoatAdminServicer:
@@ -57,7 +82,42 @@ class MoatAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListClients(self, request, context):
-        """Every client in the keys file with its tier and traffic so far.
+        """Every client in the keys file with its tier, traffic and per-model protection state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetClient(self, request, context):
+        """One client; NOT_FOUND for an id that is not in the keys file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """Alerts with id > after_id, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamAlerts(self, request, context):
+        """Alerts with id > after_id, then every new one as it is raised, until the caller cancels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnblockClient(self, request, context):
+        """Lift a block or throttle; the client stays exempt from escalation until it is reset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetClient(self, request, context):
+        """Forget everything the gateway knows about a client (coverage, detector state, status).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,6 +135,31 @@ def add_MoatAdminServicer_to_server(servicer, server):
                     servicer.ListClients,
                     request_deserializer=protos_dot_admin__pb2.ListClientsRequest.FromString,
                     response_serializer=protos_dot_admin__pb2.ListClientsResponse.SerializeToString,
+            ),
+            'GetClient': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClient,
+                    request_deserializer=protos_dot_admin__pb2.ClientRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.ClientSummary.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=protos_dot_admin__pb2.ListAlertsRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'StreamAlerts': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamAlerts,
+                    request_deserializer=protos_dot_admin__pb2.ListAlertsRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.Alert.SerializeToString,
+            ),
+            'UnblockClient': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnblockClient,
+                    request_deserializer=protos_dot_admin__pb2.ClientRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.ClientActionResponse.SerializeToString,
+            ),
+            'ResetClient': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetClient,
+                    request_deserializer=protos_dot_admin__pb2.ClientRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.ClientActionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +216,141 @@ class MoatAdmin:
             '/moat.admin.v1.MoatAdmin/ListClients',
             protos_dot_admin__pb2.ListClientsRequest.SerializeToString,
             protos_dot_admin__pb2.ListClientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moat.admin.v1.MoatAdmin/GetClient',
+            protos_dot_admin__pb2.ClientRequest.SerializeToString,
+            protos_dot_admin__pb2.ClientSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moat.admin.v1.MoatAdmin/ListAlerts',
+            protos_dot_admin__pb2.ListAlertsRequest.SerializeToString,
+            protos_dot_admin__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moat.admin.v1.MoatAdmin/StreamAlerts',
+            protos_dot_admin__pb2.ListAlertsRequest.SerializeToString,
+            protos_dot_admin__pb2.Alert.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnblockClient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moat.admin.v1.MoatAdmin/UnblockClient',
+            protos_dot_admin__pb2.ClientRequest.SerializeToString,
+            protos_dot_admin__pb2.ClientActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetClient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moat.admin.v1.MoatAdmin/ResetClient',
+            protos_dot_admin__pb2.ClientRequest.SerializeToString,
+            protos_dot_admin__pb2.ClientActionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -113,6 +113,18 @@ class EmbeddedBackend:
         outputs = await loop.run_in_executor(self._executor, self._run, arrays)
         return InferResponse(model_name=self.name, outputs=outputs, id=request.id)
 
+    async def features(self, inputs: np.ndarray) -> np.ndarray | None:
+        """The model's ``features(x)`` (float32 [B, F], e.g. penultimate activations) if it has one."""
+        if not hasattr(self._model, "features"):
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._features, inputs)
+
+    def _features(self, inputs: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            tensor = torch.tensor(inputs, device=self._device).float()
+            return self._model.features(tensor).detach().cpu().numpy().astype(np.float32, copy=False)
+
     def _run(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
         tensors = []
         for array in arrays:

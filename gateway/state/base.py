@@ -1,7 +1,8 @@
 """The state-store contract: what detectors, defenses, alerts and evidence keep per client.
 
-Stores hold a few kinds of values under string keys (callers build keys such as
-``"cov/<model>/<client>"``; :func:`client_key` does it consistently):
+Stores hold a few kinds of values under string keys (callers build them with :func:`client_key`:
+``"<model>/<client>/<kind>"``, so everything of one client on one model shares a prefix and
+resetting a client is one :meth:`StateStore.delete`):
 
 - **bitmaps** of a fixed number of bits, split into equal segments (B4B's per-table bucket sets);
 - **hashes** of numeric fields (counters, thresholds, suspicion) and text fields (status);
@@ -28,8 +29,13 @@ from gateway.registry import Registry
 
 
 def client_key(kind: str, model: str, client: str, *parts: str) -> str:
-    """The key of one kind of state of one client on one model, e.g. ``cov/clf/alice``."""
-    return "/".join((kind, model, client, *parts))
+    """The key of one kind of state of one client on one model, e.g. ``clf/alice/cov``."""
+    return "/".join((model, client, kind, *parts))
+
+
+def client_prefix(model: str, client: str) -> str:
+    """The prefix of every key of ``client`` on ``model`` (for reset)."""
+    return f"{model}/{client}/"
 
 
 @runtime_checkable

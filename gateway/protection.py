@@ -1,0 +1,211 @@
+"""The protect stage of one model: admission, detection, the policy, and defenses.
+
+Runs on a worker thread (the state store is synchronous). Per client, detection and the policy
+run under a lock, so concurrent requests of one client update its state one after the other in
+this replica; across replicas each store operation is atomic on its own.
+
+The policy reads the detectors' combined suspicion (the max of their scores, in [0, 1]) against
+the model's thresholds: ``flag_at`` flags the client (defenses that act on flagged clients
+start), ``throttle_at`` rate-limits it (RESOURCE_EXHAUSTED with a retry hint), ``block_at`` blocks
+it (PERMISSION_DENIED until an operator unblocks or resets it).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from defenses.base import Defense, DefenseContext, create_defense
+from detectors.base import Detector, QueryBatch, Verdict, create_detector
+from gateway.alerts import AlertSink
+from gateway.config import ModelConfig
+from gateway.errors import PermissionDenied, ResourceExhausted
+from gateway.metrics import GatewayMetrics
+from gateway.params import ConfigError, ParamError
+from gateway.secrets import derive_seed
+from gateway.state import StateStore
+from gateway.state.base import client_key, client_prefix
+
+STATUSES = ("ok", "flagged", "throttled", "blocked")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the protect stage decided for one batch; ``outputs`` is what the client receives."""
+
+    outputs: np.ndarray
+    verdicts: Mapping[str, Verdict]
+    suspicion: float
+    status: str
+
+
+class TokenBucket:
+    """``rate`` requests per second with a burst of one second's worth (per replica)."""
+
+    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
+        self.rate, self._clock = rate, clock
+        self._tokens, self._updated = rate, clock()
+
+    def take(self) -> float:
+        """0 if a request may pass now, else the seconds until one may."""
+        now = self._clock()
+        self._tokens = min(self.rate, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self.rate
+
+
+def _built(where: str, build: Callable[[], object]) -> object:
+    try:
+        return build()
+    except ParamError as error:
+        raise ConfigError(f"{where}.params.{error.param}", error.problem) from None
+    except KeyError as error:
+        raise ConfigError(f"{where}.name", str(error.args[0])) from None
+
+
+class ModelProtection:
+    """Detectors, policy and defenses of one model, with state in ``store``."""
+
+    def __init__(
+        self, config: ModelConfig, where: str, store: StateStore, secret: bytes, metrics: GatewayMetrics,
+        alerts: AlertSink, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config, self._store, self._metrics, self._alerts, self._clock = config, store, metrics, alerts, clock
+        self.detectors: dict[str, Detector] = {
+            c.name: _built(f"{where}.detectors[{i}]", lambda c=c: create_detector(
+                c.name, c.params, store=store, kind=config.kind,
+                seed=derive_seed(secret, "detector", config.name, c.name)))  # type: ignore[misc]
+            for i, c in enumerate(config.detectors)
+        }
+        self.defenses: list[Defense] = [
+            _built(f"{where}.defenses[{i}]", lambda c=c: create_defense(  # type: ignore[misc]
+                c.name, c.params, kind=config.kind, secret=secret))
+            for i, c in enumerate(config.defenses)
+        ]
+        self._guard = threading.Lock()
+        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._buckets: dict[str, TokenBucket] = {}
+        self._statuses: dict[str, str] = {}
+
+    def _status_key(self, client: str) -> str:
+        return client_key("client", self.config.name, client)
+
+    def admit(self, client: str) -> None:
+        """Refuse a blocked client, and a throttled one over its rate."""
+        status = self._store.get_fields(self._status_key(client)).get("status", "ok")
+        if status == "blocked":
+            raise PermissionDenied("this API key is blocked for this model; contact the API owner")
+        if status == "throttled":
+            with self._guard:
+                bucket = self._buckets.setdefault(
+                    client, TokenBucket(self.config.policy.throttle_per_second, self._clock))
+                wait = bucket.take()
+            if wait > 0:
+                raise ResourceExhausted(
+                    f"rate limited: retry after {wait:.2f} s",
+                    trailers=(("retry-after-ms", str(int(wait * 1000) + 1)),),
+                )
+
+    def protect(self, client: str, batch: QueryBatch) -> Outcome:
+        """Observe ``batch``, apply the policy and the defenses; returns the answer to send."""
+        with self._guard:
+            lock = self._locks[client]
+        with lock:
+            started = self._clock()
+            verdicts = {name: detector.observe(client, batch) for name, detector in self.detectors.items()}
+            suspicion = max((v.score for v in verdicts.values()), default=0.0)
+            status = self._record(client, batch, verdicts, suspicion)
+            self._observe_stage("detect", started)
+        started = self._clock()
+        context = DefenseContext(client=client, batch=batch, verdicts=verdicts, suspicion=suspicion,
+                                 flagged=status != "ok")
+        outputs = batch.outputs
+        for defense in self.defenses:
+            changed = defense.apply(outputs, context)
+            if not np.array_equal(changed, outputs):
+                self._metrics.defense_actions.labels(model=self.config.name, defense=defense.name,
+                                                     action="modified").inc()
+            outputs = changed
+        self._observe_stage("defend", started)
+        return Outcome(outputs=outputs, verdicts=verdicts, suspicion=suspicion, status=status)
+
+    def _decide(self, previous: Mapping[str, float | str], suspicion: float,
+                verdicts: Mapping[str, Verdict]) -> str:
+        policy = self.config.policy
+        # An operator's unblock exempts the client from escalation until it is reset.
+        escalate = previous.get("exempt") != 1.0
+        if previous.get("status") == "blocked" or (
+                escalate and policy.block_at is not None and suspicion >= policy.block_at):
+            return "blocked"
+        if escalate and policy.throttle_at is not None and suspicion >= policy.throttle_at:
+            return "throttled"
+        if suspicion >= policy.flag_at or any(v.alert for v in verdicts.values()):
+            return "flagged"
+        return "ok"
+
+    def _record(self, client: str, batch: QueryBatch, verdicts: Mapping[str, Verdict], suspicion: float) -> str:
+        key = self._status_key(client)
+        previous = self._store.get_fields(key)
+        status = self._decide(previous, suspicion, verdicts)
+        fields: dict[str, float | str] = {"status": status, "suspicion": suspicion, "updated": time.time()}
+        for name, verdict in verdicts.items():
+            fields[f"alert:{name}"] = 1.0 if verdict.alert else 0.0
+            fields.update({f"{name}.{figure}": value for figure, value in verdict.figures.items()})
+        self._store.incr(key, {"queries": len(batch.outputs)})
+        self._store.set_fields(key, fields)
+        for name, verdict in verdicts.items():
+            if verdict.alert and previous.get(f"alert:{name}") != 1.0:
+                self._alerts.raise_alert(client=client, model=self.config.name, detector=name,
+                                         figures=verdict.figures, action=status)
+        self._account(client, str(previous.get("status", "ok")), status, verdicts, suspicion)
+        return status
+
+    def _account(self, client: str, before: str, status: str, verdicts: Mapping[str, Verdict],
+                 suspicion: float) -> None:
+        model = self.config.name
+        if status != before and status in ("throttled", "blocked"):
+            self._metrics.defense_actions.labels(model=model, defense="policy", action=status[:-2]).inc()
+        with self._guard:
+            self._statuses[client] = status
+            counts = {s: 0 for s in STATUSES[1:]}
+            for value in self._statuses.values():
+                if value in counts:
+                    counts[value] += 1
+        for name, count in counts.items():
+            self._metrics.flagged_clients.labels(model=model, status=name).set(count)
+        self._metrics.suspicion.labels(model=model).observe(suspicion)
+        if "coverage" in verdicts and "coverage" in verdicts["coverage"].figures:
+            self._metrics.coverage.labels(model=model).observe(verdicts["coverage"].figures["coverage"])
+
+    def _observe_stage(self, stage: str, started: float) -> None:
+        self._metrics.stage_duration.labels(model=self.config.name, stage=stage).observe(self._clock() - started)
+
+    def client_state(self, client: str) -> dict[str, float | str]:
+        """What the store holds about ``client`` on this model (status, queries, figures)."""
+        return self._store.get_fields(self._status_key(client))
+
+    def unblock(self, client: str) -> bool:
+        """Lift a block or throttle and exempt the client from escalation until a reset (defenses for
+        flagged clients still apply); True if it was blocked or throttled."""
+        key = self._status_key(client)
+        if self._store.get_fields(key).get("status") not in ("blocked", "throttled"):
+            return False
+        self._store.set_fields(key, {"status": "flagged", "exempt": 1.0})
+        with self._guard:
+            self._buckets.pop(client, None)
+        return True
+
+    def reset(self, client: str) -> int:
+        """Forget everything about ``client`` on this model; returns the number of keys deleted."""
+        with self._guard:
+            self._buckets.pop(client, None)
+            self._statuses.pop(client, None)
+        return self._store.delete(client_prefix(self.config.name, client))

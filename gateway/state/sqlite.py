@@ -1,0 +1,255 @@
+"""The ``sqlite`` state store: the embedded default, one database file in WAL mode.
+
+Durability: every method is one transaction committed before it returns. With
+``journal_mode=WAL`` and ``synchronous=NORMAL`` a commit is in the WAL file (the OS page cache)
+when the method returns, so it survives the *process* being killed (``kill -9``, OOM killer,
+crash); only an OS crash or power loss can lose the last few commits (never corrupt the file).
+That is the right trade for detector state, which a fsync per request would make slow.
+
+Concurrency: each thread gets its own connection (WAL readers never block each other), writes
+within the process take one lock (so threads queue in Python instead of spinning in SQLite's
+busy handler), and every write transaction starts with ``BEGIN IMMEDIATE``, which takes the
+database's write lock *before* reading: a read-modify-write (bitmaps, rows, records) can then
+never interleave with a writer in another process on the same file, so no update is lost.
+Other processes wait up to ``busy_timeout_ms`` for the lock.
+
+Tables: ``bitmaps(key, bits)`` packed little-endian-bit blobs, exactly like the memory store;
+``hashes(key, field, num, text)`` one of ``num``/``text`` set; ``row_sets(key, dim, next_seq)``
+with ``rows(key, seq, data)`` one float32 row per SQLite row; ``streams(stream, last_id, live)``
+with ``records(stream, id, json)``. A stream's ``last_id`` outlives :meth:`SqliteStore.delete`,
+as the memory store's id counter does, so ids are never reused and readers' cursors stay valid.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gateway.params import ConfigError, ParamError, check_keys, number
+from gateway.state.base import STATE_STORES, packed_with_bits, segment_counts
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bitmaps (key TEXT PRIMARY KEY, bits BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS hashes (key TEXT NOT NULL, field TEXT NOT NULL, num REAL, text TEXT,
+                                   PRIMARY KEY (key, field)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS row_sets (key TEXT PRIMARY KEY, dim INTEGER NOT NULL,
+                                     next_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rows (key TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
+                                 PRIMARY KEY (key, seq));
+CREATE TABLE IF NOT EXISTS streams (stream TEXT PRIMARY KEY, last_id INTEGER NOT NULL,
+                                    live INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS records (stream TEXT NOT NULL, id INTEGER NOT NULL, json TEXT NOT NULL,
+                                    PRIMARY KEY (stream, id));
+"""
+
+
+def _glob(prefix: str) -> str:
+    """A GLOB pattern matching strings that start with ``prefix`` (its wildcards made literal)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in prefix) + "*"
+
+
+class SqliteStore:
+    """The state store in one SQLite file; see the module docstring for durability and locking."""
+
+    def __init__(self, path: Path, busy_timeout_ms: int) -> None:
+        self.path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._closed = False
+        with self._write() as conn:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(statement)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise RuntimeError(f"the sqlite state store {self.path} is closed")
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves (the module's implicit BEGIN is
+        # DEFERRED, which would let two writers read the same bitmap). check_same_thread=False
+        # only so that close() may close every thread's connection.
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_ms / 1000,
+                               isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        with self._connections_lock:
+            self._connections.append(conn)
+        self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, committed on exit, rolled back on an exception."""
+        conn = self._conn()
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def set_bits(self, key: str, positions: np.ndarray, total_bits: int, segment_bits: int) -> np.ndarray:
+        """Set bit ``positions`` (int64 [n]); return set bits per segment, int64 [total_bits // segment_bits]."""
+        with self._write() as conn:
+            row = conn.execute("SELECT bits FROM bitmaps WHERE key = ?", (key,)).fetchone()
+            current = None if row is None else np.frombuffer(row[0], np.uint8)
+            bits = packed_with_bits(current, positions, total_bits)
+            conn.execute("INSERT INTO bitmaps (key, bits) VALUES (?, ?) "
+                         "ON CONFLICT (key) DO UPDATE SET bits = excluded.bits", (key, bits.tobytes()))
+        return segment_counts(bits, segment_bits)
+
+    def count_bits(self, key: str, total_bits: int, segment_bits: int) -> np.ndarray:
+        """Set bits per segment, int64 [total_bits // segment_bits]; zeros when absent."""
+        row = self._conn().execute("SELECT bits FROM bitmaps WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return np.zeros(total_bits // segment_bits, np.int64)
+        return segment_counts(np.frombuffer(row[0], np.uint8), segment_bits)
+
+    def bitmap_bytes(self, key: str) -> int:
+        """Bytes of the bitmap's blob (0 when absent); the file adds SQLite's page overhead."""
+        row = self._conn().execute("SELECT length(bits) FROM bitmaps WHERE key = ?", (key,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def incr(self, key: str, fields: Mapping[str, float]) -> dict[str, float]:
+        """Add each amount to its numeric field (absent = 0); return the new values."""
+        out: dict[str, float] = {}
+        with self._write() as conn:
+            for name, amount in fields.items():
+                # The WHERE makes a text field yield no row instead of silently becoming a number.
+                row = conn.execute(
+                    "INSERT INTO hashes (key, field, num) VALUES (?, ?, ?) ON CONFLICT (key, field) "
+                    "DO UPDATE SET num = coalesce(num, 0) + excluded.num WHERE text IS NULL RETURNING num",
+                    (key, name, float(amount))).fetchone()
+                if row is None:
+                    raise ValueError(f"field {name!r} of {key!r} holds text, not a number")
+                out[name] = float(row[0])
+        return out
+
+    def set_fields(self, key: str, fields: Mapping[str, float | str]) -> None:
+        """Overwrite fields; ``str`` values are stored as text, anything else as a float."""
+        values = [(key, name, None, value) if isinstance(value, str) else (key, name, float(value), None)
+                  for name, value in fields.items()]
+        with self._write() as conn:
+            conn.executemany("INSERT INTO hashes (key, field, num, text) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (key, field) DO UPDATE SET num = excluded.num, text = excluded.text",
+                             values)
+
+    def get_fields(self, key: str) -> dict[str, float | str]:
+        """All fields: numbers as float, text as str; empty when absent."""
+        rows = self._conn().execute("SELECT field, num, text FROM hashes WHERE key = ?", (key,)).fetchall()
+        return {name: (text if text is not None else float(num)) for name, num, text in rows}
+
+    def push_rows(self, key: str, rows: np.ndarray, max_rows: int) -> int:
+        """Append float32 rows [n, d] (d fixed per key); keep the newest ``max_rows``; return the count."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2:
+            raise ValueError(f"rows must be 2-D [n, d], got shape {rows.shape}")
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        with self._write() as conn:
+            meta = conn.execute("SELECT dim, next_seq FROM row_sets WHERE key = ?", (key,)).fetchone()
+            dim, start = (rows.shape[1], 0) if meta is None else meta
+            if dim != rows.shape[1]:
+                raise ValueError(f"rows for {key!r} have width {dim}, got {rows.shape[1]}")
+            end = start + len(rows)
+            conn.executemany("INSERT INTO rows (key, seq, data) VALUES (?, ?, ?)",
+                             [(key, start + i, row.tobytes()) for i, row in enumerate(rows)])
+            conn.execute("INSERT INTO row_sets (key, dim, next_seq) VALUES (?, ?, ?) "
+                         "ON CONFLICT (key) DO UPDATE SET next_seq = excluded.next_seq", (key, dim, end))
+            conn.execute("DELETE FROM rows WHERE key = ? AND seq < ?", (key, end - max_rows))
+            return int(conn.execute("SELECT count(*) FROM rows WHERE key = ?", (key,)).fetchone()[0])
+
+    def get_rows(self, key: str, dim: int) -> np.ndarray:
+        """The stored rows, float32 [n, dim], oldest first; [0, dim] when absent."""
+        blobs = [b for (b,) in self._conn().execute(
+            "SELECT data FROM rows WHERE key = ? ORDER BY seq", (key,))]
+        if not blobs:
+            return np.zeros((0, dim), np.float32)
+        width = len(blobs[0]) // 4  # the stored width, as the memory store returns what it holds
+        return np.frombuffer(b"".join(blobs), np.float32).reshape(-1, width).copy()
+
+    def append_record(self, stream: str, record: Mapping[str, Any], max_records: int | None = None) -> int:
+        """Append a JSON record; return its id (increasing per stream, from 1, never reused)."""
+        text = json.dumps(record)
+        if max_records is not None and max_records < 0:
+            raise ValueError(f"max_records must be >= 0, got {max_records}")
+        with self._write() as conn:
+            (record_id,) = conn.execute(
+                "INSERT INTO streams (stream, last_id, live) VALUES (?, 1, 1) ON CONFLICT (stream) "
+                "DO UPDATE SET last_id = last_id + 1, live = 1 RETURNING last_id", (stream,)).fetchone()
+            conn.execute("INSERT INTO records (stream, id, json) VALUES (?, ?, ?)", (stream, record_id, text))
+            if max_records is not None:
+                # Ids of a stream's live records are consecutive, so trimming by id trims by count.
+                conn.execute("DELETE FROM records WHERE stream = ? AND id <= ?",
+                             (stream, record_id - max_records))
+        return int(record_id)
+
+    def read_records(self, stream: str, after_id: int = 0, limit: int = 1000) -> list[tuple[int, dict[str, Any]]]:
+        """Records with id > ``after_id``, oldest first, at most ``limit``."""
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        rows = self._conn().execute(
+            "SELECT id, json FROM records WHERE stream = ? AND id > ? ORDER BY id LIMIT ?",
+            (stream, int(after_id), int(limit))).fetchall()
+        return [(int(i), json.loads(text)) for i, text in rows]
+
+    def delete(self, prefix: str) -> int:
+        """Delete every key and stream starting with ``prefix``; return how many (key, kind) went."""
+        pattern = _glob(prefix)
+        with self._write() as conn:
+            removed = conn.execute("DELETE FROM bitmaps WHERE key GLOB ?", (pattern,)).rowcount
+            removed += conn.execute("SELECT count(DISTINCT key) FROM hashes WHERE key GLOB ?",
+                                    (pattern,)).fetchone()[0]
+            conn.execute("DELETE FROM hashes WHERE key GLOB ?", (pattern,))
+            removed += conn.execute("DELETE FROM row_sets WHERE key GLOB ?", (pattern,)).rowcount
+            conn.execute("DELETE FROM rows WHERE key GLOB ?", (pattern,))
+            # Streams keep their id counter (live = 0), so a re-created stream never reuses an id.
+            removed += conn.execute("UPDATE streams SET live = 0 WHERE live = 1 AND stream GLOB ?",
+                                    (pattern,)).rowcount
+            conn.execute("DELETE FROM records WHERE stream GLOB ?", (pattern,))
+        return int(removed)
+
+    def close(self) -> None:
+        """Close every thread's connection; the store must not be used afterwards."""
+        self._closed = True
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()
+
+
+@STATE_STORES.register("sqlite")
+def create_sqlite(params: Mapping[str, Any], where: str) -> SqliteStore:
+    """``path`` (required; parent directories are created) and ``busy_timeout_ms`` (default 5000)."""
+    try:
+        check_keys(params, ("path", "busy_timeout_ms"), required=("path",))
+        busy_timeout_ms = number(params, "busy_timeout_ms", 5000, low=0, high=600_000, integer=True)
+        raw_path = params["path"]
+        if not isinstance(raw_path, (str, Path)) or not str(raw_path).strip():
+            raise ParamError("path", f"must be a non-empty file path, got {raw_path!r}")
+        path = Path(raw_path).expanduser()
+        if path.is_dir():
+            raise ParamError("path", f"{path} is a directory; give the database file")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return SqliteStore(path, busy_timeout_ms)
+        except (OSError, sqlite3.Error) as exc:
+            raise ParamError("path", f"cannot open {path}: {exc}") from exc
+    except ParamError as exc:
+        raise ConfigError(f"{where}.{exc.param}", exc.problem) from exc
