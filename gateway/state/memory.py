@@ -60,6 +60,8 @@ class MemoryStore:
             return dict(self._hashes.get(key, {}))
 
     def push_rows(self, key: str, rows: np.ndarray, max_rows: int) -> int:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         rows = np.asarray(rows, dtype=np.float32)
         with self._lock:
             current = self._rows.get(key)
@@ -75,6 +77,8 @@ class MemoryStore:
         return np.zeros((0, dim), np.float32) if rows is None else rows.copy()
 
     def append_record(self, stream: str, record: Mapping[str, Any], max_records: int | None = None) -> int:
+        if max_records is not None and max_records < 1:
+            raise ValueError(f"max_records must be >= 1, got {max_records}")
         text = json.dumps(record)
         with self._lock:
             record_id = self._next_id.get(stream, 0) + 1
@@ -86,6 +90,8 @@ class MemoryStore:
             return record_id
 
     def read_records(self, stream: str, after_id: int = 0, limit: int = 1000) -> list[tuple[int, dict[str, Any]]]:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
         with self._lock:
             entries = list(self._streams.get(stream, ()))
         return [(i, json.loads(t)) for i, t in entries if i > after_id][:limit]

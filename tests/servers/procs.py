@@ -4,6 +4,7 @@ here, so both test groups (moat's stubs, and the stock tritonclient) can use the
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -93,3 +94,35 @@ def start_gateway(config: Path, workdir: Path, *args: str, timeout: float = 300)
     launched = launch_gateway(config, workdir / f"gateway-{time.monotonic_ns()}.log", *args,
                               timeout=timeout, cwd=REPO)
     return Proc(launched.popen, launched.log, launched.ports, info=dict(launched.ports))
+
+
+def _redis_pong(port: int) -> bool:
+    """Whether a Redis on loopback ``port`` answers PING (raw RESP, so no client library needed)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(workdir: Path) -> Proc:
+    """Start a throwaway ``redis-server`` (no persistence) on a free loopback port.
+
+    ``info['port']`` is its port and ``info['url']`` its ``redis://`` URL (database 0).
+    """
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    proc = _spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--dir", str(workdir)], workdir / f"redis-{port}.log")
+    proc.info.update(port=port, url=f"redis://127.0.0.1:{port}/0")
+    try:
+        wait_until(lambda: proc.popen.poll() is not None or _redis_pong(port), 20, "redis-server")
+    except TimeoutError:
+        proc.stop(signal.SIGKILL)
+        raise
+    if proc.popen.poll() is not None:
+        raise RuntimeError(f"redis-server exited early:\n{proc.output()[-3000:]}")
+    return proc
