@@ -27,7 +27,7 @@ from gateway.config import ModelConfig
 from gateway.errors import PermissionDenied, ResourceExhausted
 from gateway.metrics import GatewayMetrics
 from gateway.params import ConfigError, ParamError
-from gateway.secrets import derive_seed
+from gateway.secrets import derive_key, derive_seed
 from gateway.state import StateStore
 from gateway.state.base import client_key, client_prefix
 
@@ -86,8 +86,9 @@ class ModelProtection:
             for i, c in enumerate(config.detectors)
         }
         self.defenses: list[Defense] = [
+            # Keyed per model, so two models of one width never share a client's transform.
             _built(f"{where}.defenses[{i}]", lambda c=c: create_defense(  # type: ignore[misc]
-                c.name, c.params, kind=config.kind, secret=secret))
+                c.name, c.params, kind=config.kind, secret=derive_key(secret, "defense", config.name, c.name)))
             for i, c in enumerate(config.defenses)
         ]
         self._guard = threading.Lock()

@@ -1,0 +1,184 @@
+"""B4B, "Bucks for Buckets" (Dubiński et al., NeurIPS 2023): coverage-priced noise and per-client
+transformations for encoders.
+
+A legitimate user solves one downstream task and touches a small part of the embedding space; a thief
+has to cover all of it. The ``coverage`` detector measures how much of the space a client has reached
+(percent of LSH buckets hit); this defense turns that into noise, ``σ(c) = max(0, λ·(exp(ln(α/λ)·c/β) − 1))``,
+negligible for a narrow user and steep for a thief, and then maps every answer into a space of the
+client's own, so answers collected by several sybil accounts cannot simply be pooled.
+
+Keyed, stateless randomness: everything random here is derived from HMAC-SHA256 of the server secret,
+so replicas agree and nothing is stored per client. The noise of a row is a function of (secret,
+client, an LSH code of the row's answer), never redrawn per call: repeating a query, or sending
+near-duplicates whose answers hash to the same code, returns the identical noisy answer, so averaging
+recovers nothing (the counter-attack in REFERENCE.md §2, "Known counter-attacks").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from defenses.base import DEFENSES, DefenseContext
+from detectors.base import ModelKind
+from gateway.params import ParamError, check_keys, choice, number
+
+__all__ = ["B4B", "TRANSFORMS", "ClientTransform"]
+
+TRANSFORMS = ("affine+shuffle", "affine", "shuffle", "none")
+#: Smallest |scale| of the affine map: keeps it well-conditioned, so a client's own linear probe
+#: (and the inverse map, for the owner) stays numerically sound.
+_MIN_SCALE = 0.1
+#: The coverage detector whose ``figures["coverage"]`` (percent) prices the noise.
+COVERAGE_DETECTOR = "coverage"
+
+
+def _keyed_digest(secret: bytes, *parts: bytes) -> bytes:
+    """HMAC-SHA256 of ``parts``, each length-prefixed so that no two part lists share a message."""
+    message = b"".join(struct.pack(">I", len(p)) + p for p in parts)
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+def _rng(digest: bytes) -> np.random.Generator:
+    return np.random.default_rng(int.from_bytes(digest, "big"))
+
+
+def _check_secret(secret: bytes) -> bytes:
+    if not isinstance(secret, (bytes, bytearray)) or not secret:
+        raise ValueError("the defense secret must be non-empty bytes")
+    return bytes(secret)
+
+
+@dataclass(frozen=True)
+class ClientTransform:
+    """One client's map of the answer space onto itself: ``y = (x ⊙ scale + shift)[:, perm]``.
+
+    Attributes:
+        scale: float64 [D] with ``_MIN_SCALE <= |scale| <= 1``, or None (no affine part).
+        shift: float64 [D] in [-1, 1), or None.
+        perm: int64 [D], a permutation of the D dimensions, or None (no shuffle).
+    """
+
+    scale: np.ndarray | None
+    shift: np.ndarray | None
+    perm: np.ndarray | None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Map float64 rows [B, D] into the client's space (float64 [B, D])."""
+        if self.scale is not None and self.shift is not None:
+            x = x * self.scale + self.shift
+        if self.perm is not None:
+            x = x[:, self.perm]
+        return x
+
+
+@DEFENSES.register("b4b")
+class B4B:
+    """B4B (Dubiński et al., "Bucks for Buckets (B4B): Active Defenses Against Stealing Encoders",
+    NeurIPS 2023) for encoders: answer ``T_client(e + N(0, σ(c)²·I))``.
+
+    Params:
+        transform: ``affine+shuffle`` (default), ``affine``, ``shuffle`` or ``none``. ``affine`` is
+            ``x ⊙ s + t`` with ``t ~ U(−1, 1)^d`` and ``s ~ U(−1, 1)^d`` conditioned on ``|s| >= 0.1``
+            (well-conditioned); ``shuffle`` is a keyed permutation of the d dimensions.
+        alpha, beta, lam: the cost function's α (0.8), β (80) and λ (1e-6); ``0 < lam < alpha``.
+        code_bits: bits of the LSH code that keys each row's noise (default 16, 1..64).
+
+    Deviations from the paper: its pad-and-shuffle appends d fixed N(0, 1) values before shuffling,
+    which would double the declared output shape; here the shuffle permutes the d dimensions only.
+    The paper draws fresh noise per answer; here it is a deterministic function of (secret, client,
+    LSH code of the answer) so that averaging repeated or near-duplicate queries gains nothing.
+    Noise is added before the transform, as in the paper. Coverage is read from the ``coverage``
+    detector's verdict (0 when absent, so a model without that detector gets the transform only).
+    """
+
+    name = "b4b"
+
+    def __init__(self, params: Mapping[str, Any], *, kind: ModelKind, secret: bytes) -> None:
+        check_keys(params, ("transform", "alpha", "beta", "lam", "code_bits"))
+        if kind != "encoder":
+            raise ParamError("name", f"b4b protects encoders only, not a {kind}")
+        self.transform: str = choice(params, "transform", "affine+shuffle", TRANSFORMS)
+        self.alpha = float(number(params, "alpha", 0.8, low=0.0, low_inclusive=False))
+        self.beta = float(number(params, "beta", 80, low=0.0, low_inclusive=False))
+        self.lam = float(number(params, "lam", 1e-6, low=0.0, low_inclusive=False))
+        if self.lam >= self.alpha:
+            raise ParamError("lam", f"must be < alpha ({self.alpha}) so the cost grows with coverage, got {self.lam}")
+        self.code_bits: int = number(params, "code_bits", 16, low=1, high=64, integer=True)
+        self._secret = _check_secret(secret)
+        self._rate = math.log(self.alpha / self.lam) / self.beta
+        self._planes: dict[int, np.ndarray] = {}  # dim -> hyperplanes; a constant derived from the secret
+
+    def sigma(self, coverage: float) -> float:
+        """Noise standard deviation for ``coverage`` in percent: ``max(0, λ·(exp(ln(α/λ)·c/β) − 1))``.
+
+        Coverage is clamped to [0, 100]; a non-finite value counts as 100 (fail closed: most noise).
+        """
+        c = float(coverage)
+        c = 100.0 if not math.isfinite(c) else min(max(c, 0.0), 100.0)
+        return max(0.0, self.lam * math.expm1(self._rate * c))
+
+    def client_transform(self, client: str, dim: int) -> ClientTransform:
+        """``client``'s keyed transform of a ``dim``-wide answer (deterministic in secret, client, dim)."""
+        rng = _rng(_keyed_digest(self._secret, b"b4b/transform", client.encode(), str(dim).encode()))
+        # Always draw all three so that switching `transform` never changes the other parts.
+        magnitude = rng.uniform(_MIN_SCALE, 1.0, dim)
+        scale = np.where(rng.random(dim) < 0.5, -magnitude, magnitude)
+        shift = rng.uniform(-1.0, 1.0, dim)
+        perm = rng.permutation(dim)
+        affine = self.transform in ("affine", "affine+shuffle")
+        shuffle = self.transform in ("shuffle", "affine+shuffle")
+        return ClientTransform(scale if affine else None, shift if affine else None, perm if shuffle else None)
+
+    def codes(self, outputs: np.ndarray) -> np.ndarray:
+        """LSH codes of answer rows: float [B, D] -> uint64 [B], the signs against ``code_bits`` keyed
+        random hyperplanes through the origin (angular LSH), so nearby answers share a code."""
+        x = np.asarray(outputs, dtype=np.float64)
+        planes = self._hyperplanes(x.shape[1])
+        bits = (x @ planes) > 0.0
+        weights = np.left_shift(np.uint64(1), np.arange(self.code_bits, dtype=np.uint64))
+        return (bits.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+
+    def noise(self, outputs: np.ndarray, client: str) -> np.ndarray:
+        """Unit-variance noise float64 [B, D] for answer rows ``outputs`` [B, D]: row i is a standard
+        normal vector seeded by HMAC(secret, client, code_i), so rows sharing a code share the noise."""
+        x = np.asarray(outputs)
+        codes = self.codes(x)
+        out = np.empty(x.shape, dtype=np.float64)
+        for code in np.unique(codes):
+            seed = _keyed_digest(self._secret, b"b4b/noise", client.encode(), int(code).to_bytes(8, "big"))
+            out[codes == code] = _rng(seed).standard_normal(x.shape[1])
+        return out
+
+    def apply(self, outputs: np.ndarray, context: DefenseContext) -> np.ndarray:
+        """Noisy, transformed answer: float32 [B, D] in, float32 [B, D] out (input left untouched)."""
+        x = np.asarray(outputs)
+        if x.ndim != 2:
+            raise ValueError(f"b4b expects answers [B, D], got shape {x.shape}")
+        sigma = self.sigma(_coverage(context))
+        answer = x.astype(np.float64)
+        if sigma > 0.0 and len(x):
+            answer = answer + sigma * self.noise(x, context.client)
+        return self.client_transform(context.client, x.shape[1])(answer).astype(np.float32)
+
+    def _hyperplanes(self, dim: int) -> np.ndarray:
+        planes = self._planes.get(dim)
+        if planes is None:
+            rng = _rng(_keyed_digest(self._secret, b"b4b/lsh", str(dim).encode(), str(self.code_bits).encode()))
+            planes = self._planes[dim] = rng.standard_normal((dim, self.code_bits))
+        return planes
+
+
+def _coverage(context: DefenseContext) -> float:
+    """The client's coverage in percent from the coverage detector's verdict; 0 when absent."""
+    verdict = context.verdicts.get(COVERAGE_DETECTOR)
+    if verdict is None:
+        return 0.0
+    return float(verdict.figures.get("coverage", 0.0))

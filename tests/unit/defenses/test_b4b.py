@@ -1,0 +1,129 @@
+"""B4B on the real demo encoder (SimCLR, 128-d) and real Fashion-MNIST test images: the cost function,
+noise that repeating or near-duplicating a query cannot average away, per-client spaces that do not
+pool, and no loss for a legitimate user's own linear probe."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from defenses.b4b import B4B
+from defenses.base import DefenseContext, create_defense
+from detectors.base import QueryBatch, Verdict
+from evaluation.data import DEFAULT_FASHION_MNIST_DIR, load_fashion_mnist
+from evaluation.zoo import load_victim
+from evaluation.zoo_models import embed, linear_probe_accuracy
+
+pytestmark = pytest.mark.skipif(
+    not (Path(DEFAULT_FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").is_file()
+    and not os.environ.get("MOAT_FASHION_MNIST_DIR"),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
+SECRET = b"b4b-test-secret"
+
+
+@pytest.fixture(scope="module")
+def encoder() -> torch.jit.ScriptModule:
+    return load_victim("fashion-encoder")
+
+
+@pytest.fixture(scope="module")
+def defense() -> B4B:
+    built = create_defense("b4b", {}, kind="encoder", secret=SECRET)
+    assert isinstance(built, B4B)
+    return built
+
+
+def _answer(defense: B4B, client: str, images: np.ndarray, clean: np.ndarray, coverage: float | None) -> np.ndarray:
+    """What ``client`` receives for ``images`` [N,1,28,28] with clean embeddings [N,128] at ``coverage`` %."""
+    verdicts = {} if coverage is None else {"coverage": Verdict("coverage", 0.5, {"coverage": coverage})}
+    context = DefenseContext(client, QueryBatch("fashion-encoder", "encoder", images, clean), verdicts)
+    return defense.apply(clean, context)
+
+
+def _near_duplicates(image: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` copies of ``image`` [1,28,28] with every pixel moved one grey level (±1/255), clipped to [0, 1]."""
+    steps = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(n, *image.shape)) / np.float32(255)
+    return np.clip(image[None] + steps, 0.0, 1.0).astype(np.float32)
+
+
+def test_cost_function_matches_the_paper(defense: B4B) -> None:
+    assert defense.sigma(0) == 0.0
+    assert defense.sigma(50) == pytest.approx(0.005, rel=0.05)
+    assert defense.sigma(70) == pytest.approx(0.15, rel=0.05)
+    assert defense.sigma(80) == pytest.approx(0.8, rel=0.01)
+    values = [defense.sigma(c) for c in range(0, 101, 5)]
+    assert values == sorted(values) and values[2] < 1e-5  # negligible for a narrow user (c = 10)
+    assert defense.sigma(-3) == 0.0 and defense.sigma(250) == defense.sigma(100)
+    assert defense.sigma(float("nan")) == defense.sigma(100)  # a broken coverage figure fails closed
+
+
+def test_repeated_query_gets_the_identical_answer(encoder: torch.jit.ScriptModule, defense: B4B) -> None:
+    image = load_fashion_mnist("test").images[7:8]
+    images = np.repeat(image, 100, axis=0)
+    clean = embed(encoder, images)
+    assert defense.sigma(70) >= 0.1
+    answers = _answer(defense, "thief", images, clean, coverage=70)
+    np.testing.assert_array_equal(answers, np.repeat(answers[:1], 100, axis=0))
+    replica = create_defense("b4b", {}, kind="encoder", secret=SECRET)  # another gateway replica
+    np.testing.assert_array_equal(replica.apply(clean, DefenseContext(
+        "thief", QueryBatch("fashion-encoder", "encoder", images, clean),
+        {"coverage": Verdict("coverage", 1.0, {"coverage": 70})})), answers)
+    noise = answers[0] - _answer(defense, "thief", image, clean[:1], coverage=None)[0]
+    assert np.linalg.norm(noise) > 0.5  # the noise is really there (σ ≈ 0.15 over 128 dims, times |s|)
+
+
+def test_averaging_near_duplicates_recovers_nothing(encoder: torch.jit.ScriptModule, defense: B4B) -> None:
+    """Mean of 100 answers to near-duplicates vs a single answer, both against the clean, transformed,
+    noise-free answer of the original image; fresh noise per call would shrink the error ~10×."""
+    rng = np.random.default_rng(0)
+    test = load_fashion_mnist("test")
+    singles, means, shared = [], [], []
+    for i in rng.choice(len(test), 40, replace=False):
+        image = test.images[i]
+        clean0 = embed(encoder, image[None])
+        target = _answer(defense, "thief", image[None], clean0, coverage=None)[0].astype(np.float64)
+        dups = _near_duplicates(image, 100, rng)
+        clean = embed(encoder, dups)
+        answers = _answer(defense, "thief", dups, clean, coverage=70).astype(np.float64)
+        singles.append(np.linalg.norm(answers - target, axis=1).mean())
+        means.append(np.linalg.norm(answers.mean(axis=0) - target))
+        shared.append(np.mean(defense.codes(clean) == defense.codes(clean0)[0]))
+    share = float(np.mean(shared))
+    print(f"near-duplicates sharing the LSH code at code_bits={defense.code_bits}: {share:.1%}; "
+          f"mean-of-100 error / single error = {np.mean(means) / np.mean(singles):.3f}")
+    assert share >= 0.9
+    assert np.mean(means) >= 0.9 * np.mean(singles)
+
+
+def test_two_clients_answers_do_not_pool(encoder: torch.jit.ScriptModule, defense: B4B) -> None:
+    images = load_fashion_mnist("test").images[:1000]
+    clean = embed(encoder, images)
+    a = _answer(defense, "alice", images, clean, coverage=10).astype(np.float64)
+    b = _answer(defense, "bob", images, clean, coverage=10).astype(np.float64)
+    cosine = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    print(f"mean cosine similarity between two clients' answers: {cosine.mean():+.3f}")
+    assert cosine.mean() < 0.5
+    own = np.sum(a * clean, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(clean, axis=1))
+    assert own.mean() < 0.5  # nor are they close to the clean embedding
+
+
+def test_each_clients_linear_probe_loses_nothing(encoder: torch.jit.ScriptModule, defense: B4B) -> None:
+    train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
+    idx = np.random.default_rng(1).permutation(len(train))[:5000]
+    xtr, ytr, xte, yte = train.images[idx], train.labels[idx], test.images[5000:], test.labels[5000:]
+    etr, ete = embed(encoder, xtr), embed(encoder, xte)
+    base = linear_probe_accuracy(etr, ytr, ete, yte)
+    report = [f"untransformed {base:.4f}"]
+    for client in ("alice", "bob"):
+        # The client trains and tests its probe on its own answers, at a narrow user's coverage (10 %).
+        acc = linear_probe_accuracy(_answer(defense, client, xtr, etr, coverage=10), ytr,
+                                    _answer(defense, client, xte, ete, coverage=10), yte)
+        report.append(f"{client} {acc:.4f}")
+        assert abs(acc - base) <= 0.005
+    print("linear probe accuracy: " + ", ".join(report))
