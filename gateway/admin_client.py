@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from protos import admin_pb2 as pb
 from protos import admin_pb2_grpc as pb_grpc
+
+
+def _dict(message: Message) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
 class AdminClient:
@@ -21,13 +28,32 @@ class AdminClient:
         self._channel = grpc.insecure_channel(address)
         self._stub = pb_grpc.MoatAdminStub(self._channel)
 
-    def server_info(self) -> dict:
-        reply = self._stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=self._metadata, timeout=self._timeout)
-        return MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    def _call(self, method: str, request: Message) -> dict[str, Any]:
+        reply = getattr(self._stub, method)(request, metadata=self._metadata, timeout=self._timeout)
+        return _dict(reply)
 
-    def list_clients(self) -> dict:
-        reply = self._stub.ListClients(pb.ListClientsRequest(), metadata=self._metadata, timeout=self._timeout)
-        return MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    def server_info(self) -> dict[str, Any]:
+        return self._call("GetServerInfo", pb.GetServerInfoRequest())
+
+    def list_clients(self) -> dict[str, Any]:
+        return self._call("ListClients", pb.ListClientsRequest())
+
+    def get_client(self, client_id: str) -> dict[str, Any]:
+        return self._call("GetClient", pb.ClientRequest(client_id=client_id))
+
+    def unblock(self, client_id: str, model: str = "") -> dict[str, Any]:
+        return self._call("UnblockClient", pb.ClientRequest(client_id=client_id, model=model))
+
+    def reset(self, client_id: str, model: str = "") -> dict[str, Any]:
+        return self._call("ResetClient", pb.ClientRequest(client_id=client_id, model=model))
+
+    def list_alerts(self, after_id: int = 0, limit: int = 100) -> dict[str, Any]:
+        return self._call("ListAlerts", pb.ListAlertsRequest(after_id=after_id, limit=limit))
+
+    def follow_alerts(self, after_id: int = 0) -> Iterator[dict[str, Any]]:
+        """Every alert after ``after_id``, then new ones as they come, until interrupted."""
+        for alert in self._stub.StreamAlerts(pb.ListAlertsRequest(after_id=after_id), metadata=self._metadata):
+            yield _dict(alert)
 
     def close(self) -> None:
         self._channel.close()

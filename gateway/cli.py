@@ -8,7 +8,8 @@ import dataclasses
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from gateway.auth import hash_key
 from gateway.errors import ConfigError
@@ -60,33 +61,95 @@ def _keys_hash(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_call(args: argparse.Namespace, method: str) -> int:
+def _admin(args: argparse.Namespace, action: Callable[[Any], Any]) -> int:
     import grpc
 
     from gateway.admin_client import AdminClient
 
     try:
         with AdminClient(args.admin, args.token) as client:
-            result = getattr(client, method)()
+            return int(action(client) or 0)
     except grpc.RpcError as error:
         print(f"moat: admin call failed: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(_table(result))
-    return 0
+    except KeyboardInterrupt:
+        return 0
 
 
-def _table(result: dict) -> str:
-    rows = result.get("clients") or result.get("models") or []
+def _print(args: argparse.Namespace, result: dict, rows: list[dict] | None = None) -> None:
+    print(json.dumps(result, indent=2) if args.json else _table(rows if rows is not None else [result]))
+
+
+def _client_rows(clients: list[dict]) -> list[dict]:
+    rows = []
+    for client in clients:
+        states = client.get("models") or [{}]
+        for state in states:
+            rows.append({
+                "client": client["client_id"], "tier": client["tier"], "model": state.get("model", "-"),
+                "queries": state.get("queries", 0), "coverage": f"{state.get('coverage', 0.0):.1f}%",
+                "suspicion": f"{state.get('suspicion', 0.0):.2f}", "status": state.get("status", "-"),
+            })
+    return rows
+
+
+def _clients(args: argparse.Namespace) -> int:
+    def run(client: Any) -> None:
+        if args.action == "list":
+            result = client.list_clients()
+            _print(args, result, _client_rows(result["clients"]))
+        elif args.action == "show":
+            result = client.get_client(args.client_id)
+            _print(args, result, _client_rows([result]))
+        else:
+            method = client.unblock if args.action == "unblock" else client.reset
+            _print(args, method(args.client_id, args.model or ""))
+
+    if args.action != "list" and not args.client_id:
+        print(f"moat: clients {args.action} needs a client id", file=sys.stderr)
+        return 2
+    return _admin(args, run)
+
+
+def _alert_line(alert: dict) -> str:
+    figures = ", ".join(f"{k}={v:.3g}" for k, v in sorted(alert.get("figures", {}).items()))
+    return (f"{alert['time_iso']}  #{alert['id']}  client={alert['client_id']}  model={alert['model']}  "
+            f"detector={alert['detector']}  action={alert['action']}  {figures}")
+
+
+def _alerts(args: argparse.Namespace) -> int:
+    def run(client: Any) -> None:
+        alerts = client.follow_alerts(args.after) if args.follow else client.list_alerts(args.after, args.limit)["alerts"]
+        for alert in alerts:
+            print(json.dumps(alert) if args.json else _alert_line(alert), flush=True)
+
+    return _admin(args, run)
+
+
+def _info(args: argparse.Namespace) -> int:
+    def run(client: Any) -> None:
+        result = client.server_info()
+        _print(args, result, result["models"])
+
+    return _admin(args, run)
+
+
+def _table(rows: list[dict]) -> str:
     if not rows:
-        return json.dumps(result, indent=2)
+        return "(none)"
     columns = list(rows[0])
-    widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in columns]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)) for r in rows]
+    cells = [[", ".join(map(str, v)) if isinstance(v, list) else str(v) for v in (r.get(c, "") for c in columns)]
+             for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
+
+
+def _admin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admin", default="127.0.0.1:8003", help="admin address host:port")
+    parser.add_argument("--token", default=None, help="admin token (default: $MOAT_ADMIN_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,13 +171,23 @@ def _parser() -> argparse.ArgumentParser:
     hash_cmd.add_argument("key", nargs="?", help="the key (read from stdin when omitted)")
     hash_cmd.set_defaults(handler=_keys_hash)
 
-    for name, method, text in (("info", "server_info", "gateway version, uptime and models"),
-                               ("clients", "list_clients", "clients and their traffic")):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("--admin", default="127.0.0.1:8003", help="admin address host:port")
-        sub.add_argument("--token", default=None, help="admin token (default: $MOAT_ADMIN_TOKEN)")
-        sub.add_argument("--json", action="store_true", help="print JSON for scripts")
-        sub.set_defaults(handler=lambda a, m=method: _admin_call(a, m))
+    info = commands.add_parser("info", help="gateway version, uptime and models")
+    _admin_options(info)
+    info.set_defaults(handler=_info)
+
+    clients = commands.add_parser("clients", help="clients, their coverage, suspicion and status")
+    clients.add_argument("action", nargs="?", default="list", choices=["list", "show", "reset", "unblock"])
+    clients.add_argument("client_id", nargs="?", help="the client, for show, reset and unblock")
+    clients.add_argument("--model", help="limit reset or unblock to one model")
+    _admin_options(clients)
+    clients.set_defaults(handler=_clients)
+
+    alerts = commands.add_parser("alerts", help="extraction alerts")
+    alerts.add_argument("--follow", "-f", action="store_true", help="keep printing new alerts")
+    alerts.add_argument("--after", type=int, default=0, help="only alerts with a larger id")
+    alerts.add_argument("--limit", type=int, default=100, help="at most this many (without --follow)")
+    _admin_options(alerts)
+    alerts.set_defaults(handler=_alerts)
     return parser
 
 

@@ -140,17 +140,23 @@ class ModelProtection:
 
     def _decide(self, previous: Mapping[str, float | str], suspicion: float,
                 verdicts: Mapping[str, Verdict]) -> str:
+        """The new status: what the suspicion calls for, but never below the previous status.
+
+        Statuses only rise: a thief that mixes natural queries into its stream must not wash its
+        flag out. An operator lowers them (unblock, reset); an unblocked client is exempt from
+        throttling and blocking until it is reset.
+        """
         policy = self.config.policy
-        # An operator's unblock exempts the client from escalation until it is reset.
         escalate = previous.get("exempt") != 1.0
-        if previous.get("status") == "blocked" or (
-                escalate and policy.block_at is not None and suspicion >= policy.block_at):
-            return "blocked"
-        if escalate and policy.throttle_at is not None and suspicion >= policy.throttle_at:
-            return "throttled"
+        wanted = "ok"
         if suspicion >= policy.flag_at or any(v.alert for v in verdicts.values()):
-            return "flagged"
-        return "ok"
+            wanted = "flagged"
+        if escalate and policy.throttle_at is not None and suspicion >= policy.throttle_at:
+            wanted = "throttled"
+        if escalate and policy.block_at is not None and suspicion >= policy.block_at:
+            wanted = "blocked"
+        before = str(previous.get("status", "ok"))
+        return max(wanted, before, key=STATUSES.index)
 
     def _record(self, client: str, batch: QueryBatch, verdicts: Mapping[str, Verdict], suspicion: float) -> str:
         key = self._status_key(client)
@@ -162,12 +168,25 @@ class ModelProtection:
             fields.update({f"{name}.{figure}": value for figure, value in verdict.figures.items()})
         self._store.incr(key, {"queries": len(batch.outputs)})
         self._store.set_fields(key, fields)
+        self._raise_alerts(client, previous, status, verdicts)
+        self._account(client, str(previous.get("status", "ok")), status, verdicts, suspicion)
+        return status
+
+    def _raise_alerts(self, client: str, previous: Mapping[str, float | str], status: str,
+                      verdicts: Mapping[str, Verdict]) -> None:
+        """One alert per detector whose alert flag turned on, and one per rise in status (flagged,
+        throttled, blocked) that no such alert already announced, naming the top-scoring detector."""
+        raised = False
         for name, verdict in verdicts.items():
             if verdict.alert and previous.get(f"alert:{name}") != 1.0:
                 self._alerts.raise_alert(client=client, model=self.config.name, detector=name,
                                          figures=verdict.figures, action=status)
-        self._account(client, str(previous.get("status", "ok")), status, verdicts, suspicion)
-        return status
+                raised = True
+        rose = STATUSES.index(status) > STATUSES.index(str(previous.get("status", "ok")))
+        if rose and not raised and verdicts:
+            top = max(verdicts.values(), key=lambda v: v.score)
+            self._alerts.raise_alert(client=client, model=self.config.name, detector=top.detector,
+                                     figures=top.figures, action=status)
 
     def _account(self, client: str, before: str, status: str, verdicts: Mapping[str, Verdict],
                  suspicion: float) -> None:

@@ -82,9 +82,14 @@ async def make_gateway(tmp_path: Path, keys_file: Path) -> AsyncIterator[Gateway
     """Start in-process gateways on free ports; all are stopped after the test."""
     started: list[Gateway] = []
 
-    async def make(models: list[dict[str, Any]], **server: Any) -> Gateway:
+    secret = tmp_path / "secret"
+    secret.write_text("integration-test-secret-0123456789")
+
+    async def make(models: list[dict[str, Any]], state: dict[str, Any] | None = None, **server: Any) -> Gateway:
         config = {"server": {"grpc_port": 0, "admin_port": 0, "metrics_port": 0, **server},
-                  "auth": {"keys_file": str(keys_file)}, "models": models}
+                  "auth": {"keys_file": str(keys_file), "server_secret_file": str(secret)}, "models": models}
+        if state is not None:
+            config["state"] = state
         path = tmp_path / f"config-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(config))
         gateway = build_gateway(load_config(path))
