@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # lives in a virtualenv of its own.
 KSERVE_VENV := .venv-kserve
 export MOAT_CACHE_DIR ?= $(CURDIR)/.cache/moat
+export MOAT_STATE_DIR ?= $(CURDIR)/.cache/state
 export MOAT_KSERVE_PYTHON ?= $(CURDIR)/$(KSERVE_VENV)/bin/python
 # Debian packages: the real data, and the real servers the tests start.
 SYSTEM_PACKAGES := dataset-fashion-mnist redis-server prometheus
