@@ -26,9 +26,11 @@ def client(proc: Proc) -> triton.InferenceServerClient:
 
 
 def write_config(path: Path, base: Path = DEMO_CONFIG, **server: object) -> Path:
-    """A copy of ``base`` with ``server`` overrides; the keys file path is made absolute."""
+    """A copy of ``base`` with ``server`` overrides; its relative file paths are made absolute."""
     data = yaml.safe_load(base.read_text())
-    data["auth"]["keys_file"] = str((base.parent / data["auth"]["keys_file"]).resolve())
+    for field in ("keys_file", "server_secret_file"):
+        if field in data["auth"]:
+            data["auth"][field] = str((base.parent / data["auth"][field]).resolve())
     data["server"].update(server)
     path.write_text(yaml.safe_dump(data))
     return path

@@ -125,6 +125,7 @@ def test_bad_embedded_params_fail_at_build_time(params: dict, field: str, proble
 def test_serve_with_bad_config_exits_2_naming_the_field(tmp_path: Path) -> None:
     data = _broken(lambda d: d["models"][1].update(kind="regressor"))
     data["auth"]["keys_file"] = str(DEMO.parent / "demo-keys.yaml")
+    data["auth"]["server_secret_file"] = str(DEMO.parent / "demo-secret")
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
     result = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
