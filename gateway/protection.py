@@ -192,7 +192,8 @@ class ModelProtection:
                  suspicion: float) -> None:
         model = self.config.name
         if status != before and status in ("throttled", "blocked"):
-            self._metrics.defense_actions.labels(model=model, defense="policy", action=status[:-2]).inc()
+            action = {"throttled": "throttle", "blocked": "block"}[status]
+            self._metrics.defense_actions.labels(model=model, defense="policy", action=action).inc()
         with self._guard:
             self._statuses[client] = status
             counts = {s: 0 for s in STATUSES[1:]}

@@ -72,7 +72,7 @@ async def test_escalation_unblock_and_reset(make_gateway: GatewayFactory, tiny_t
     assert alerts[-1].figures["coverage"] >= 0.95 * 60
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{gateway.ports.metrics}/metrics", timeout=5).read().decode()
-    for series in ('moat_defense_actions_total{action="throttl",defense="policy",model="tiny"}',
+    for series in ('moat_defense_actions_total{action="throttle",defense="policy",model="tiny"}',
                    'moat_defense_actions_total{action="block",defense="policy",model="tiny"}',
                    'moat_alerts_total{detector="coverage",model="tiny"} 3.0',
                    'moat_flagged_clients{model="tiny",status="blocked"} 1.0'):
