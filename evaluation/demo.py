@@ -12,10 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as triton
+import yaml
+from tqdm import tqdm
 from tritonclient.utils import InferenceServerException
 
+from defenses.b4b import B4B
 from evaluation.data import load_fashion_mnist
 from evaluation.endpoint import GatewayProcess, launch_gateway
+from gateway.admin_client import AdminClient
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "deploy" / "configs" / "demo.yaml"
@@ -61,11 +65,39 @@ def _refused(client: triton.InferenceServerClient) -> None:
         print(f"  refused: {error.status()}: {error.message()}")
 
 
+def _thief_and_honest(client: triton.InferenceServerClient, admin: AdminClient) -> None:
+    train = load_fashion_mnist("train")
+    rng = np.random.default_rng(0)
+    thief = train.images[rng.choice(len(train.labels), 10_000, replace=False)]
+    footwear = train.images[rng.choice(np.flatnonzero(np.isin(train.labels, [7, 9])), 10_000, replace=False)]
+    print("\nfashion-encoder under B4B: bob steals (10,000 images of every class), alice tells sneakers")
+    print("from ankle boots (10,000 images of those two classes):")
+    for who, images in (("bob", thief), ("alice", footwear)):
+        headers = {"authorization": f"Bearer demo-{who}-key"}
+        for start in tqdm(range(0, len(images), 500), desc=f"  {who:5}", leave=False, disable=None):
+            client.infer("fashion-encoder", _input(images[start:start + 500]), headers=headers)
+    b4b = next(d for d in _encoder_config()["defenses"] if d["name"] == "b4b")
+    cost = B4B(b4b["params"], kind="encoder", secret=b"only-sigma-is-needed-here")
+    for summary in admin.list_clients()["clients"]:
+        state = next(m for m in summary["models"] if m["model"] == "fashion-encoder")
+        print(f"  {summary['client_id']:5}  coverage {state['coverage']:5.1f}%  noise sigma {cost.sigma(state['coverage']):.4f}"
+              f"  status {state['status']}")
+    print("\nalerts (moat alerts):")
+    for alert in admin.list_alerts()["alerts"]:
+        print(f"  #{alert['id']} {alert['client_id']} on {alert['model']}: {alert['detector']} "
+              f"coverage={alert['figures'].get('coverage', 0):.1f}% -> {alert['action']}")
+
+
+def _encoder_config() -> dict:
+    models = yaml.safe_load(CONFIG.read_text())["models"]
+    return next(m for m in models if m["name"] == "fashion-encoder")
+
+
 def _metrics(gateway: GatewayProcess) -> None:
     url = f"http://127.0.0.1:{gateway.ports['metrics']}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
-    wanted = ("moat_requests_total", "moat_request_duration_seconds_count", "moat_request_duration_seconds_sum",
-              "moat_backend_duration_seconds_sum")
+    wanted = ("moat_requests_total", "moat_request_duration_seconds_sum", "moat_alerts_total",
+              "moat_flagged_clients", "moat_defense_actions_total")
     print(f"\nmetrics the session produced ({url}):")
     for line in text.splitlines():
         if line.startswith(wanted):
@@ -85,6 +117,10 @@ def main() -> int:
             _classify(client, classes)
             _embed(client)
             _refused(client)
+            with AdminClient(f"127.0.0.1:{gateway.ports['admin']}", "demo-admin-token") as admin:
+                for who in ("alice", "bob"):
+                    admin.reset(who)  # the demo's state persists in .cache/state: start afresh
+                _thief_and_honest(client, admin)
             _metrics(gateway)
         finally:
             code = gateway.stop()
