@@ -130,3 +130,13 @@ def packed_with_bits(bits: np.ndarray | None, positions: np.ndarray, total_bits:
         raise ValueError(f"bit positions must lie in [0, {total_bits})")
     np.bitwise_or.at(out, positions >> 3, (1 << (positions & 7)).astype(np.uint8))
     return out
+
+
+def rows_from_blobs(blobs: list[bytes], dim: int) -> np.ndarray:
+    """Stored float32 row bytes, oldest first, as float32 [n, width]; [0, dim] when there are none.
+
+    The width is the stored one, as the memory store returns what it holds."""
+    if not blobs:
+        return np.zeros((0, dim), np.float32)
+    width = len(blobs[0]) // 4
+    return np.frombuffer(b"".join(blobs), np.float32).reshape(-1, width).copy()

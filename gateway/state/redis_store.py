@@ -33,7 +33,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from gateway.params import ConfigError, ParamError, check_keys, number
-from gateway.state.base import STATE_STORES
+from gateway.state.base import STATE_STORES, rows_from_blobs
 
 _KINDS = ("bm", "h", "rows", "rec")  # what delete() counts; "seq" counters are kept
 _TEXT = "s:"  # marks a text field; numbers are stored bare so HINCRBYFLOAT works on them
@@ -154,7 +154,7 @@ class RedisStore:
                 values = pipe.execute()
             except redis.ResponseError as exc:
                 raise ValueError(f"cannot increment a field of {key!r}: {exc}") from exc
-        return {name: float(value) for name, value in zip(fields, values)}
+        return {name: float(value) for name, value in zip(fields, values, strict=True)}
 
     def set_fields(self, key: str, fields: Mapping[str, float | str]) -> None:
         """Overwrite fields; ``str`` values are stored as text, anything else as a float."""
@@ -197,10 +197,7 @@ class RedisStore:
         """The stored rows, float32 [n, dim], oldest first; [0, dim] when absent."""
         with self._calling():
             blobs = self._client.lrange(self._key(key, "rows"), 0, -1)
-        if not blobs:
-            return np.zeros((0, dim), np.float32)
-        width = len(blobs[0]) // 4  # the stored width, as the memory store returns what it holds
-        return np.frombuffer(b"".join(blobs), np.float32).reshape(-1, width).copy()
+        return rows_from_blobs(blobs, dim)
 
     def append_record(self, stream: str, record: Mapping[str, Any], max_records: int | None = None) -> int:
         """Append a JSON record; return its id (increasing per stream, from 1, never reused)."""

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from gateway.params import ConfigError, ParamError, check_keys, number
-from gateway.state.base import STATE_STORES, packed_with_bits, segment_counts
+from gateway.state.base import STATE_STORES, packed_with_bits, rows_from_blobs, segment_counts
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bitmaps (key TEXT PRIMARY KEY, bits BLOB NOT NULL);
@@ -178,10 +178,7 @@ class SqliteStore:
         """The stored rows, float32 [n, dim], oldest first; [0, dim] when absent."""
         blobs = [b for (b,) in self._conn().execute(
             "SELECT data FROM rows WHERE key = ? ORDER BY seq", (key,))]
-        if not blobs:
-            return np.zeros((0, dim), np.float32)
-        width = len(blobs[0]) // 4  # the stored width, as the memory store returns what it holds
-        return np.frombuffer(b"".join(blobs), np.float32).reshape(-1, width).copy()
+        return rows_from_blobs(blobs, dim)
 
     def append_record(self, stream: str, record: Mapping[str, Any], max_records: int | None = None) -> int:
         """Append a JSON record; return its id (increasing per stream, from 1, never reused)."""

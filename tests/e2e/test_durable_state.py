@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from detectors.base import QueryBatch, create_detector
 from evaluation.data import load_fashion_mnist

@@ -4,26 +4,19 @@ pool, and no loss for a legitimate user's own linear probe."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from defenses.b4b import B4B
 from defenses.base import DefenseContext, create_defense
 from detectors.base import QueryBatch, Verdict
-from evaluation.data import DEFAULT_FASHION_MNIST_DIR, load_fashion_mnist
+from evaluation.data import load_fashion_mnist
 from evaluation.zoo import load_victim
 from evaluation.zoo_models import embed, linear_probe_accuracy
 
-pytestmark = pytest.mark.skipif(
-    not (Path(DEFAULT_FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").is_file()
-    and not os.environ.get("MOAT_FASHION_MNIST_DIR"),
-    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
-)
 SECRET = b"b4b-test-secret"
 
 

@@ -3,8 +3,6 @@ argmax, and Adaptive Misinformation on the real demo classifier and the full Fas
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +11,6 @@ import pytest
 from defenses.base import Defense, DefenseContext, create_defense
 from defenses.misinformation import AdaptiveMisinformation, query_codes
 from detectors.base import QueryBatch
-from evaluation.data import DEFAULT_FASHION_MNIST_DIR
 
 SECRET = b"classifier-defense-secret"
 
@@ -104,17 +101,11 @@ def test_query_codes_are_coarse() -> None:
 
 
 # ----------------------------------------------------------------------------- misinformation, real model
-needs_fashion = pytest.mark.skipif(
-    not (Path(DEFAULT_FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").is_file()
-    and not os.environ.get("MOAT_FASHION_MNIST_DIR"),
-    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
-)
 
 
 @pytest.fixture(scope="module")
 def fashion() -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
     """(classifier, test images float32 [10000,1,28,28], labels int64 [10000], clean probabilities [10000,10])."""
-    pytest.importorskip("torch")
     from evaluation.data import load_fashion_mnist
     from evaluation.zoo import load_victim
     from evaluation.zoo_models import embed
@@ -124,7 +115,6 @@ def fashion() -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
     return model, test.images, test.labels, embed(model, test.images)
 
 
-@needs_fashion
 def test_misinformation_spares_honest_users(fashion: tuple[Any, np.ndarray, np.ndarray, np.ndarray]) -> None:
     _, images, labels, clean = fashion
     out = _apply(_build("misinformation"), clean, images, client="honest")
@@ -136,7 +126,6 @@ def test_misinformation_spares_honest_users(fashion: tuple[Any, np.ndarray, np.n
     assert 0 < changed < 0.01  # the lowest-confidence answers only
 
 
-@needs_fashion
 def test_reverse_sigmoid_on_the_demo_classifier(fashion: tuple[Any, np.ndarray, np.ndarray, np.ndarray]) -> None:
     _, images, _, clean = fashion
     out = _apply(_build("reverse_sigmoid"), clean, images)
@@ -144,7 +133,6 @@ def test_reverse_sigmoid_on_the_demo_classifier(fashion: tuple[Any, np.ndarray, 
     np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
 
 
-@needs_fashion
 def test_misinformation_gives_flagged_clients_wrong_labels(
         fashion: tuple[Any, np.ndarray, np.ndarray, np.ndarray]) -> None:
     _, images, labels, clean = fashion
@@ -156,7 +144,6 @@ def test_misinformation_gives_flagged_clients_wrong_labels(
     np.testing.assert_allclose(out.max(axis=1), 1.0, atol=1e-6)
 
 
-@needs_fashion
 def test_near_duplicates_get_the_same_wrong_label(fashion: tuple[Any, np.ndarray, np.ndarray, np.ndarray]) -> None:
     from evaluation.zoo_models import embed
 

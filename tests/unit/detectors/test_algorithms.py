@@ -6,8 +6,6 @@ Run with ``-s`` to see the measured coverages and Shapiro W values."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from scipy.stats import shapiro
 
 from detectors.base import QueryBatch, Verdict, create_detector
 from detectors.coverage import LSHHasher
-from evaluation.data import DEFAULT_FASHION_MNIST_DIR, load_fashion_mnist
+from evaluation.data import load_fashion_mnist
 from gateway.state.base import client_key
 from gateway.state.memory import MemoryStore
 
@@ -102,11 +100,6 @@ try:  # torch is optional (the ``models`` extra): only the demo-model tests need
 except ImportError:  # pragma: no cover - depends on the installation
     torch = None
 
-needs_demo = pytest.mark.skipif(
-    torch is None or (not (Path(DEFAULT_FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").is_file()
-                      and not os.environ.get("MOAT_FASHION_MNIST_DIR")),
-    reason="needs torch and Fashion-MNIST (apt-get install dataset-fashion-mnist)",
-)
 HONEST_CLASSES = (7, 9)  # Sneaker vs Ankle boot: a narrow downstream task
 BROAD_CLASSES = (6, 8)  # Shirt vs Bag: the two classes the demo encoder spreads widest
 
@@ -122,7 +115,6 @@ def coverage_of(vectors: np.ndarray, params: dict[str, int], client: str) -> flo
     return float(verdict.figures["coverage"])
 
 
-@needs_demo
 def test_b4b_thief_covers_at_least_twice_a_narrow_task_user() -> None:
     train = load_fashion_mnist("train")
     encoder = load_victim("fashion-encoder")
@@ -174,7 +166,6 @@ def prada_verdicts(classifier: torch.jit.ScriptModule, images: np.ndarray) -> li
             for i in range(0, len(images), 100)]
 
 
-@needs_demo
 def test_prada_flags_jbda_but_not_natural_traffic() -> None:
     test = load_fashion_mnist("test")
     classifier = load_victim("fashion-classifier")

@@ -24,10 +24,6 @@ from evaluation.data import (
 )
 
 FASHION_DIR = Path(data.DEFAULT_FASHION_MNIST_DIR)
-needs_fashion = pytest.mark.skipif(
-    not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file(),
-    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
-)
 
 
 def _write_idx(path: Path, arr: np.ndarray, magic_ndim: int | None = None) -> None:
@@ -44,7 +40,6 @@ def _tiny_fashion(root: Path, n_test: int = 10000) -> None:
     _write_idx(root / "t10k-labels-idx1-ubyte.gz", np.arange(n_test) % 10)
 
 
-@needs_fashion
 @pytest.mark.parametrize(("split", "n"), [("train", 60000), ("test", 10000)])
 def test_fashion_mnist_shapes_and_balance(split: str, n: int) -> None:
     ds = load_fashion_mnist(split)
@@ -58,7 +53,6 @@ def test_fashion_mnist_shapes_and_balance(split: str, n: int) -> None:
     assert ds.shape == (1, 28, 28) and len(ds) == n
 
 
-@needs_fashion
 def test_fashion_mnist_cached_and_read_only() -> None:
     a, b = load_fashion_mnist("test"), load_fashion_mnist("test")
     assert a.images is b.images

@@ -11,17 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from evaluation import zoo  # noqa: E402
-from evaluation.data import DEFAULT_FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
+from evaluation.data import load_fashion_mnist  # noqa: E402
 from evaluation.zoo_models import FashionEncoder, augment, embed, linear_probe_accuracy  # noqa: E402
 
-needs_fashion = pytest.mark.skipif(
-    not (Path(DEFAULT_FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").is_file()
-    and not os.environ.get("MOAT_FASHION_MNIST_DIR"),
-    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
-)
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +108,6 @@ def test_main_list_and_build(dummy: str, tmp_path: Path, capsys: pytest.CaptureF
         zoo.main(["build", "no-such-model"])
 
 
-@needs_fashion
 def test_fashion_classifier(cache_dir: Path) -> None:
     model = zoo.load_victim("fashion-classifier", cache_dir)
     builds = zoo.BUILD_COUNTS["fashion-classifier"]
@@ -132,7 +126,6 @@ def test_fashion_classifier(cache_dir: Path) -> None:
     assert zoo.BUILD_COUNTS["fashion-classifier"] == builds  # second lookup reused the cache
 
 
-@needs_fashion
 def test_fashion_encoder(cache_dir: Path) -> None:
     model = zoo.load_victim("fashion-encoder", cache_dir)
     builds = zoo.BUILD_COUNTS["fashion-encoder"]
@@ -147,7 +140,6 @@ def test_fashion_encoder(cache_dir: Path) -> None:
     assert zoo.BUILD_COUNTS["fashion-encoder"] == builds
 
 
-@needs_fashion
 def test_fashion_encoder_learned_view_invariance(cache_dir: Path) -> None:
     """What SimCLR trains for, and a random-init encoder lacks: an augmented view retrieves its own image.
 
