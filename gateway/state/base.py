@@ -132,11 +132,11 @@ def packed_with_bits(bits: np.ndarray | None, positions: np.ndarray, total_bits:
     return out
 
 
-def rows_from_blobs(blobs: list[bytes], dim: int) -> np.ndarray:
-    """Stored float32 row bytes, oldest first, as float32 [n, width]; [0, dim] when there are none.
-
-    The width is the stored one, as the memory store returns what it holds."""
+def rows_from_blobs(blobs: list[bytes], dim: int, width: int | None = None) -> np.ndarray:
+    """Stored float32 row bytes (one or more rows per blob), oldest first, as float32 [n, width];
+    [0, dim] when there are none. ``width`` is the stored width (as the memory store returns what it
+    holds); None means each blob is exactly one row."""
     if not blobs:
         return np.zeros((0, dim), np.float32)
-    width = len(blobs[0]) // 4
+    width = width if width is not None else len(blobs[0]) // 4
     return np.frombuffer(b"".join(blobs), np.float32).reshape(-1, width).copy()

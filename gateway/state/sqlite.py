@@ -15,7 +15,10 @@ Other processes wait up to ``busy_timeout_ms`` for the lock.
 
 Tables: ``bitmaps(key, bits)`` packed little-endian-bit blobs, exactly like the memory store;
 ``hashes(key, field, num, text)`` one of ``num``/``text`` set; ``row_sets(key, dim, next_seq)``
-with ``rows(key, seq, data)`` one float32 row per SQLite row; ``streams(stream, last_id, live)``
+with ``rows(key, seq, data)``: one chunk per ``push_rows`` call, ``data`` holding its float32 rows
+and ``seq`` the index of its first row (a chunk per call rather than a row per row: PRADA reads
+thousands of rows per request, and per-SQLite-row overhead made that cost grow with history);
+``streams(stream, last_id, live)``
 with ``records(stream, id, json)``. A stream's ``last_id`` outlives :meth:`SqliteStore.delete`,
 as the memory store's id counter does, so ids are never reused and readers' cursors stay valid.
 """
@@ -157,8 +160,8 @@ class SqliteStore:
     def push_rows(self, key: str, rows: np.ndarray, max_rows: int) -> int:
         """Append float32 rows [n, d] (d fixed per key); keep the newest ``max_rows``; return the count."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
-        if rows.ndim != 2:
-            raise ValueError(f"rows must be 2-D [n, d], got shape {rows.shape}")
+        if rows.ndim != 2 or rows.shape[1] < 1:
+            raise ValueError(f"rows must be 2-D [n, d] with d >= 1, got shape {rows.shape}")
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         with self._write() as conn:
@@ -167,18 +170,21 @@ class SqliteStore:
             if dim != rows.shape[1]:
                 raise ValueError(f"rows for {key!r} have width {dim}, got {rows.shape[1]}")
             end = start + len(rows)
-            conn.executemany("INSERT INTO rows (key, seq, data) VALUES (?, ?, ?)",
-                             [(key, start + i, row.tobytes()) for i, row in enumerate(rows)])
+            if len(rows):
+                conn.execute("INSERT INTO rows (key, seq, data) VALUES (?, ?, ?)", (key, start, rows.tobytes()))
             conn.execute("INSERT INTO row_sets (key, dim, next_seq) VALUES (?, ?, ?) "
                          "ON CONFLICT (key) DO UPDATE SET next_seq = excluded.next_seq", (key, dim, end))
-            conn.execute("DELETE FROM rows WHERE key = ? AND seq < ?", (key, end - max_rows))
-            return int(conn.execute("SELECT count(*) FROM rows WHERE key = ?", (key,)).fetchone()[0])
+            _trim_chunks(conn, key, dim, cutoff=end - max_rows)
+            (stored,) = conn.execute("SELECT coalesce(sum(length(data)), 0) FROM rows WHERE key = ?",
+                                     (key,)).fetchone()
+            return int(stored) // (4 * dim)
 
     def get_rows(self, key: str, dim: int) -> np.ndarray:
         """The stored rows, float32 [n, dim], oldest first; [0, dim] when absent."""
-        blobs = [b for (b,) in self._conn().execute(
-            "SELECT data FROM rows WHERE key = ? ORDER BY seq", (key,))]
-        return rows_from_blobs(blobs, dim)
+        conn = self._conn()
+        meta = conn.execute("SELECT dim FROM row_sets WHERE key = ?", (key,)).fetchone()
+        blobs = [b for (b,) in conn.execute("SELECT data FROM rows WHERE key = ? ORDER BY seq", (key,))]
+        return rows_from_blobs(blobs, dim, width=None if meta is None else int(meta[0]))
 
     def append_record(self, stream: str, record: Mapping[str, Any], max_records: int | None = None) -> int:
         """Append a JSON record; return its id (increasing per stream, from 1, never reused)."""
@@ -250,3 +256,14 @@ def create_sqlite(params: Mapping[str, Any], where: str) -> SqliteStore:
             raise ParamError("path", f"cannot open {path}: {exc}") from exc
     except ParamError as exc:
         raise ConfigError(f"{where}.{exc.param}", exc.problem) from exc
+
+
+def _trim_chunks(conn: sqlite3.Connection, key: str, dim: int, cutoff: int) -> None:
+    """Drop rows with index < ``cutoff``: whole chunks, and the head of the chunk that straddles it."""
+    row_bytes = 4 * dim
+    conn.execute("DELETE FROM rows WHERE key = ? AND seq + length(data) / ? <= ?", (key, row_bytes, cutoff))
+    straddling = conn.execute("SELECT seq, data FROM rows WHERE key = ? AND seq < ?", (key, cutoff)).fetchone()
+    if straddling is not None:
+        seq, data = straddling
+        conn.execute("UPDATE rows SET seq = ?, data = ? WHERE key = ? AND seq = ?",
+                     (cutoff, data[(cutoff - seq) * row_bytes:], key, seq))

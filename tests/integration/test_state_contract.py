@@ -141,6 +141,19 @@ def test_push_rows_keeps_the_newest_oldest_first(store: StateStore) -> None:
     np.testing.assert_array_equal(store.get_rows("emb/m/alice", 4), rows)
 
 
+def test_rows_pushed_together_come_back_row_by_row(store: StateStore) -> None:
+    """Several rows per push (a store may keep them as one chunk) keep their width and order."""
+    batches = [np.arange(12, dtype=np.float32).reshape(3, 4) + 100 * i for i in range(4)]
+    for count, batch in enumerate(batches, start=1):
+        assert store.push_rows("emb/m/bob", batch, max_rows=9) == min(3 * count, 9)
+    rows = store.get_rows("emb/m/bob", 4)
+    assert rows.shape == (9, 4)
+    np.testing.assert_array_equal(rows, np.concatenate(batches)[-9:])
+    store.push_rows("emb/m/bob", batches[0][:2], max_rows=4)  # trims inside a pushed batch
+    np.testing.assert_array_equal(store.get_rows("emb/m/bob", 4),
+                                  np.concatenate([batches[3][-2:], batches[0][:2]]))
+
+
 def test_records_have_increasing_ids_and_are_trimmed(store: StateStore) -> None:
     assert store.read_records("alerts/m") == []
     ids = [store.append_record("alerts/m", {"i": i, "nested": {"x": [i, "a"]}}) for i in range(6)]
