@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +85,35 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TierConfig:
+    """What a tier of keys changes for every protected model.
+
+    ``detectors``/``defenses`` map a component name to parameter overrides, or to ``False`` to
+    switch that component off for the tier; ``policy`` overrides policy fields; a ``trusted`` tier
+    (an allow-list for internal callers) skips detection, defenses and escalation altogether.
+    """
+
+    name: str
+    trusted: bool = False
+    detectors: Mapping[str, Mapping[str, Any] | bool] = field(default_factory=dict)
+    defenses: Mapping[str, Mapping[str, Any] | bool] = field(default_factory=dict)
+    policy: Mapping[str, Any] = field(default_factory=dict)
+
+
+DEFAULT_TIER = "standard"
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     server: ServerConfig
     auth: AuthConfig
     models: tuple[ModelConfig, ...]
     state: ComponentConfig = ComponentConfig("memory")
+    tiers: tuple[TierConfig, ...] = (TierConfig(DEFAULT_TIER),)
     source: Path | None = None
+
+    def tier(self, name: str) -> TierConfig:
+        return next(t for t in self.tiers if t.name == name)
 
 
 class _Fields:
@@ -233,6 +256,12 @@ def _threshold(fields: _Fields, key: str, default: float | None) -> float | None
     return None if value is None else float(value)
 
 
+def tier_policy(base: PolicyConfig, overrides: Mapping[str, Any], path: str) -> PolicyConfig:
+    """``base`` with a tier's policy overrides applied (validated like a policy)."""
+    merged = {name: getattr(base, name) for name in ("flag_at", "throttle_at", "throttle_per_second", "block_at")}
+    return replace(base, **{k: v for k, v in vars(_policy({**merged, **overrides}, path)).items()})
+
+
 def _policy(data: Any, path: str) -> PolicyConfig:
     fields = _Fields(data or {}, path, {"flag_at", "throttle_at", "throttle_per_second", "block_at"})
     rate = fields.get("throttle_per_second", (int, float), 1.0)
@@ -269,10 +298,35 @@ def _expand_env(value: Any) -> Any:
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+def _overrides(fields: _Fields, key: str) -> dict[str, Mapping[str, Any] | bool]:
+    entries = fields.get(key, Mapping, {}) or {}
+    for name, value in entries.items():
+        if value is not False and not isinstance(value, Mapping):
+            raise ConfigError(f"{fields.name(key)}.{name}", "must be a mapping of parameter overrides, or false")
+    return {name: (False if value is False else dict(value)) for name, value in entries.items()}
+
+
+def _tiers(data: Any) -> tuple[TierConfig, ...]:
+    entries = {} if data is None else data
+    if not isinstance(entries, Mapping):
+        raise ConfigError("tiers", "must be a mapping of tier name to its settings")
+    tiers = [] if DEFAULT_TIER in entries else [TierConfig(DEFAULT_TIER)]
+    for name, settings in entries.items():
+        fields = _Fields(settings or {}, f"tiers.{name}", {"trusted", "detectors", "defenses", "policy"})
+        policy = fields.get("policy", Mapping, {}) or {}
+        _policy(policy, fields.name("policy"))  # the overrides alone must be valid
+        tiers.append(TierConfig(
+            name=str(name), trusted=fields.get("trusted", bool, False),
+            detectors=_overrides(fields, "detectors"), defenses=_overrides(fields, "defenses"),
+            policy=dict(policy),
+        ))
+    return tuple(tiers)
+
+
 def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> GatewayConfig:
     """Validate a parsed YAML document; relative paths resolve against ``base_dir``."""
     data = _expand_env(data)
-    fields = _Fields(data, "", {"server", "auth", "models", "state"})
+    fields = _Fields(data, "", {"server", "auth", "models", "state", "tiers"})
     auth = _auth(_Fields(fields.get("auth", Mapping), "auth", {
         "keys_file", "server_secret_file", "server_secret_env"}), base_dir)
     models = _models(fields.get("models", list))
@@ -284,6 +338,7 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Gatew
         auth=auth,
         models=models,
         state=ComponentConfig("memory") if state is None else _component(state, "state"),
+        tiers=_tiers(fields.data.get("tiers")),
         source=source,
     )
 

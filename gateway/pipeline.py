@@ -96,14 +96,14 @@ class DataPlane:
         """Answer ``request`` for ``client``; raises a ``GatewayError`` on any refusal."""
         traffic = self.traffic[client.id]
         try:
-            response = await self._infer(client.id, request, deadline)
+            response = await self._infer(client, request, deadline)
         except GatewayError:
             traffic.errors += 1
             raise
         traffic.requests += 1
         return response
 
-    async def _infer(self, client: str, request: InferRequest, deadline: float | None) -> InferResponse:
+    async def _infer(self, client: Client, request: InferRequest, deadline: float | None) -> InferResponse:
         served = self.model(request.model_name)
         metadata = await self.metadata(request.model_name, request.model_version)
         validate_request(request, metadata, served.config.max_batch_size)
@@ -126,7 +126,7 @@ class DataPlane:
 
 
     async def _protect(
-        self, served: ServedModel, client: str, request: InferRequest, response: InferResponse,
+        self, served: ServedModel, client: Client, request: InferRequest, response: InferResponse,
         metadata: ModelMetadata,
     ) -> None:
         """Detect and defend on the primary (first declared) input and output."""

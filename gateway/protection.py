@@ -17,13 +17,15 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from defenses.base import Defense, DefenseContext, create_defense
 from detectors.base import Detector, QueryBatch, Verdict, create_detector
 from gateway.alerts import AlertSink
-from gateway.config import ModelConfig
+from gateway.auth import Client
+from gateway.config import ModelConfig, PolicyConfig, TierConfig, tier_policy
 from gateway.errors import PermissionDenied, ResourceExhausted
 from gateway.metrics import GatewayMetrics
 from gateway.params import ConfigError, ParamError
@@ -62,35 +64,74 @@ class TokenBucket:
         return (1 - self._tokens) / self.rate
 
 
-def _built(where: str, build: Callable[[], object]) -> object:
+def _built(where: Callable[[str], str], name_field: str, build: Callable[[], Any]) -> Any:
+    """Run a component factory; a bad parameter becomes a ConfigError at ``where(param)``."""
     try:
         return build()
     except ParamError as error:
-        raise ConfigError(f"{where}.params.{error.param}", error.problem) from None
+        raise ConfigError(where(error.param), error.problem) from None
     except KeyError as error:
-        raise ConfigError(f"{where}.name", str(error.args[0])) from None
+        raise ConfigError(name_field, str(error.args[0])) from None
+
+
+@dataclass(frozen=True)
+class TierComponents:
+    """The detectors, defenses and policy that apply to one tier's keys on one model."""
+
+    trusted: bool
+    detectors: Mapping[str, Detector]
+    defenses: tuple[Defense, ...]
+    policy: PolicyConfig
+
+
+def _component_params(base: Mapping[str, Any], tier: TierConfig, kind: str, name: str) -> Mapping[str, Any] | None:
+    override = getattr(tier, kind).get(name, {})
+    return None if override is False else {**base, **override}
+
+
+def _param_field(where: str, tier: TierConfig, kind: str, index: int, name: str) -> Callable[[str], str]:
+    """Name a bad parameter where it was written: the tier's override or the model's params."""
+    override = getattr(tier, kind).get(name) or {}
+    return lambda param: (f"tiers.{tier.name}.{kind}.{name}.{param}" if param in override
+                          else f"{where}.{kind}[{index}].params.{param}")
+
+
+def build_tier(config: ModelConfig, tier: TierConfig, where: str, store: StateStore, secret: bytes) -> TierComponents:
+    """Build ``config``'s components with ``tier``'s overrides; ``ConfigError`` names the field."""
+    policy = tier_policy(config.policy, tier.policy, f"tiers.{tier.name}.policy")
+    if tier.trusted:
+        return TierComponents(trusted=True, detectors={}, defenses=(), policy=policy)
+    detectors: dict[str, Detector] = {}
+    for i, c in enumerate(config.detectors):
+        params = _component_params(c.params, tier, "detectors", c.name)
+        if params is not None:
+            detectors[c.name] = _built(
+                _param_field(where, tier, "detectors", i, c.name), f"{where}.detectors[{i}].name",
+                lambda c=c, params=params: create_detector(
+                    c.name, params, store=store, kind=config.kind,  # type: ignore[arg-type]
+                    seed=derive_seed(secret, "detector", config.name, c.name)))
+    defenses: list[Defense] = []
+    for i, c in enumerate(config.defenses):
+        params = _component_params(c.params, tier, "defenses", c.name)
+        if params is not None:
+            # Keyed per model, so two models of one width never share a client's transform.
+            defenses.append(_built(
+                _param_field(where, tier, "defenses", i, c.name), f"{where}.defenses[{i}].name",
+                lambda c=c, params=params: create_defense(
+                    c.name, params, kind=config.kind,  # type: ignore[arg-type]
+                    secret=derive_key(secret, "defense", config.name, c.name))))
+    return TierComponents(trusted=False, detectors=detectors, defenses=tuple(defenses), policy=policy)
 
 
 class ModelProtection:
-    """Detectors, policy and defenses of one model, with state in ``store``."""
+    """Detectors, policy and defenses of one model, per tier, with state in ``store``."""
 
     def __init__(
-        self, config: ModelConfig, where: str, store: StateStore, secret: bytes, metrics: GatewayMetrics,
-        alerts: AlertSink, clock: Callable[[], float] = time.monotonic,
+        self, config: ModelConfig, where: str, tiers: tuple[TierConfig, ...], store: StateStore, secret: bytes,
+        metrics: GatewayMetrics, alerts: AlertSink, clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config, self._store, self._metrics, self._alerts, self._clock = config, store, metrics, alerts, clock
-        self.detectors: dict[str, Detector] = {
-            c.name: _built(f"{where}.detectors[{i}]", lambda c=c: create_detector(
-                c.name, c.params, store=store, kind=config.kind,
-                seed=derive_seed(secret, "detector", config.name, c.name)))  # type: ignore[misc]
-            for i, c in enumerate(config.detectors)
-        }
-        self.defenses: list[Defense] = [
-            # Keyed per model, so two models of one width never share a client's transform.
-            _built(f"{where}.defenses[{i}]", lambda c=c: create_defense(  # type: ignore[misc]
-                c.name, c.params, kind=config.kind, secret=derive_key(secret, "defense", config.name, c.name)))
-            for i, c in enumerate(config.defenses)
-        ]
+        self.tiers = {tier.name: build_tier(config, tier, where, store, secret) for tier in tiers}
         self._guard = threading.Lock()
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._buckets: dict[str, TokenBucket] = {}
@@ -99,15 +140,18 @@ class ModelProtection:
     def _status_key(self, client: str) -> str:
         return client_key("client", self.config.name, client)
 
-    def admit(self, client: str) -> None:
-        """Refuse a blocked client, and a throttled one over its rate."""
+    def admit(self, caller: Client) -> None:
+        """Refuse a blocked client, and a throttled one over its rate; trusted tiers always pass."""
+        components, client = self.tiers[caller.tier], caller.id
+        if components.trusted:
+            return
         status = self._store.get_fields(self._status_key(client)).get("status", "ok")
         if status == "blocked":
             raise PermissionDenied("this API key is blocked for this model; contact the API owner")
         if status == "throttled":
             with self._guard:
                 bucket = self._buckets.setdefault(
-                    client, TokenBucket(self.config.policy.throttle_per_second, self._clock))
+                    client, TokenBucket(components.policy.throttle_per_second, self._clock))
                 wait = bucket.take()
             if wait > 0:
                 raise ResourceExhausted(
@@ -115,21 +159,24 @@ class ModelProtection:
                     trailers=(("retry-after-ms", str(int(wait * 1000) + 1)),),
                 )
 
-    def protect(self, client: str, batch: QueryBatch) -> Outcome:
+    def protect(self, caller: Client, batch: QueryBatch) -> Outcome:
         """Observe ``batch``, apply the policy and the defenses; returns the answer to send."""
+        components, client = self.tiers[caller.tier], caller.id
+        if components.trusted:
+            return Outcome(outputs=batch.outputs, verdicts={}, suspicion=0.0, status="trusted")
         with self._guard:
             lock = self._locks[client]
         with lock:
             started = self._clock()
-            verdicts = {name: detector.observe(client, batch) for name, detector in self.detectors.items()}
+            verdicts = {name: detector.observe(client, batch) for name, detector in components.detectors.items()}
             suspicion = max((v.score for v in verdicts.values()), default=0.0)
-            status = self._record(client, batch, verdicts, suspicion)
+            status = self._record(client, batch, verdicts, suspicion, components.policy)
             self._observe_stage("detect", started)
         started = self._clock()
         context = DefenseContext(client=client, batch=batch, verdicts=verdicts, suspicion=suspicion,
                                  flagged=status != "ok")
         outputs = batch.outputs
-        for defense in self.defenses:
+        for defense in components.defenses:
             changed = defense.apply(outputs, context)
             if not np.array_equal(changed, outputs):
                 self._metrics.defense_actions.labels(model=self.config.name, defense=defense.name,
@@ -139,14 +186,13 @@ class ModelProtection:
         return Outcome(outputs=outputs, verdicts=verdicts, suspicion=suspicion, status=status)
 
     def _decide(self, previous: Mapping[str, float | str], suspicion: float,
-                verdicts: Mapping[str, Verdict]) -> str:
+                verdicts: Mapping[str, Verdict], policy: PolicyConfig) -> str:
         """The new status: what the suspicion calls for, but never below the previous status.
 
         Statuses only rise: a thief that mixes natural queries into its stream must not wash its
         flag out. An operator lowers them (unblock, reset); an unblocked client is exempt from
         throttling and blocking until it is reset.
         """
-        policy = self.config.policy
         escalate = previous.get("exempt") != 1.0
         wanted = "ok"
         if suspicion >= policy.flag_at or any(v.alert for v in verdicts.values()):
@@ -158,10 +204,11 @@ class ModelProtection:
         before = str(previous.get("status", "ok"))
         return max(wanted, before, key=STATUSES.index)
 
-    def _record(self, client: str, batch: QueryBatch, verdicts: Mapping[str, Verdict], suspicion: float) -> str:
+    def _record(self, client: str, batch: QueryBatch, verdicts: Mapping[str, Verdict], suspicion: float,
+                policy: PolicyConfig) -> str:
         key = self._status_key(client)
         previous = self._store.get_fields(key)
-        status = self._decide(previous, suspicion, verdicts)
+        status = self._decide(previous, suspicion, verdicts, policy)
         fields: dict[str, float | str] = {"status": status, "suspicion": suspicion, "updated": time.time()}
         for name, verdict in verdicts.items():
             fields[f"alert:{name}"] = 1.0 if verdict.alert else 0.0

@@ -79,9 +79,25 @@ def build_plane(
         )
         protection = None
         if model.protected and secret is not None:
-            protection = ModelProtection(model, f"models[{index}]", store, secret, metrics, alerts)
+            protection = ModelProtection(model, f"models[{index}]", config.tiers, store, secret, metrics, alerts)
         models[model.name] = ServedModel(config=model, backend=backend, protection=protection)
     return DataPlane(models, metrics)
+
+
+def _check_tiers(config: GatewayConfig, keys: KeyStore) -> None:
+    """Every key's tier is defined, and tier overrides name components some model has."""
+    tiers = {tier.name for tier in config.tiers}
+    for client in keys.clients:
+        if client.tier not in tiers:
+            raise ConfigError(f"keys file {config.auth.keys_file}: client {client.id!r}.tier",
+                              f"tier {client.tier!r} is not defined; tiers: {', '.join(sorted(tiers))}")
+    for tier in config.tiers:
+        for kind in ("detectors", "defenses"):
+            known = {c.name for model in config.models for c in getattr(model, kind)}
+            for name in getattr(tier, kind):
+                if name not in known:
+                    raise ConfigError(f"tiers.{tier.name}.{kind}.{name}",
+                                      f"no model has this {kind[:-1]}; configured: {', '.join(sorted(known)) or 'none'}")
 
 
 def _store(config: GatewayConfig) -> StateStore:
@@ -101,6 +117,7 @@ class Gateway:
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.keys = KeyStore.from_file(config.auth.keys_file)
+        _check_tiers(config, self.keys)
         self.metrics = GatewayMetrics(self.registry, [model.name for model in config.models])
         self.store = _store(config)
         self.alerts = AlertSink(self.store, self.metrics)

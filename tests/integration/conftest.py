@@ -85,9 +85,11 @@ async def make_gateway(tmp_path: Path, keys_file: Path) -> AsyncIterator[Gateway
     secret = tmp_path / "secret"
     secret.write_text("integration-test-secret-0123456789")
 
-    async def make(models: list[dict[str, Any]], state: dict[str, Any] | None = None, **server: Any) -> Gateway:
+    async def make(models: list[dict[str, Any]], state: dict[str, Any] | None = None,
+                   tiers: dict[str, Any] | None = None, **server: Any) -> Gateway:
         config = {"server": {"grpc_port": 0, "admin_port": 0, "metrics_port": 0, **server},
-                  "auth": {"keys_file": str(keys_file), "server_secret_file": str(secret)}, "models": models}
+                  "auth": {"keys_file": str(keys_file), "server_secret_file": str(secret)}, "models": models,
+                  "tiers": tiers if tiers is not None else {"premium": {}}}
         if state is not None:
             config["state"] = state
         path = tmp_path / f"config-{len(started)}.yaml"

@@ -119,3 +119,60 @@ async def test_stream_alerts_delivers_new_alerts(make_gateway: GatewayFactory, t
     stream.cancel()
     await task
     assert (alert.client_id, alert.detector, alert.model) == ("alice", "coverage", "tiny")
+
+
+async def _walk(client, metadata, rng: np.random.Generator, requests: int) -> list[np.ndarray]:
+    answers = []
+    for _ in range(requests):
+        reply = await client.ModelInfer(_request(rng, 1), metadata=metadata)
+        answers.append(np.frombuffer(reply.raw_output_contents[0], np.float32))
+    return answers
+
+
+async def test_tiers_budget_trust_and_switch_off(make_gateway: GatewayFactory, tiny_torchscript: Path) -> None:
+    """alice is standard; bob's tier 'premium' has twice the coverage budget and no rounding."""
+    model = _escalating_model(tiny_torchscript)
+    model["policy"] = {"flag_at": 1.0}
+    tiers = {"premium": {"detectors": {"coverage": {"alert_coverage": 99}}, "defenses": {"rounding": False}}}
+    gateway = await make_gateway([model], tiers=tiers)
+    client = stub(gateway.ports.grpc)
+    admin = admin_pb2_grpc.MoatAdminStub(grpc.aio.insecure_channel(f"127.0.0.1:{gateway.ports.admin}"))
+    alice = await _walk(client, ALICE, np.random.default_rng(2), 90)
+    bob = await _walk(client, BOB, np.random.default_rng(2), 90)
+    alice_state, bob_state = await _client_state(admin, "alice"), await _client_state(admin, "bob")
+    assert alice_state.coverage == pytest.approx(bob_state.coverage)  # same queries, same coverage
+    assert alice_state.coverage >= 60 > 0
+    assert (alice_state.status, bob_state.status) == ("flagged", "ok")
+    assert all(np.allclose(a * 100, np.round(a * 100), atol=1e-4) for a in alice)
+    assert not all(np.allclose(b * 100, np.round(b * 100), atol=1e-4) for b in bob)
+
+
+async def test_trusted_tier_skips_detection_and_defenses(make_gateway: GatewayFactory, tiny_torchscript: Path) -> None:
+    gateway = await make_gateway([_escalating_model(tiny_torchscript)], tiers={"premium": {"trusted": True}})
+    client = stub(gateway.ports.grpc)
+    admin = admin_pb2_grpc.MoatAdminStub(grpc.aio.insecure_channel(f"127.0.0.1:{gateway.ports.admin}"))
+    answers = await _walk(client, BOB, np.random.default_rng(3), 120)  # far past the block threshold
+    state = await _client_state(admin, "bob")
+    assert (state.status, state.queries, state.coverage) == ("ok", 0, 0.0)
+    assert not all(np.allclose(a * 100, np.round(a * 100), atol=1e-4) for a in answers)
+
+
+@pytest.mark.parametrize(
+    ("tiers", "field"),
+    [
+        ({"premium": {"detectors": {"coverage": {"alert_coverage": 0}}}},
+         "tiers.premium.detectors.coverage.alert_coverage"),
+        ({"premium": {"detectors": {"seat": {}}}}, "tiers.premium.detectors.seat"),
+        ({"premium": {"policy": {"block_at": 3}}}, "tiers.premium.policy.block_at"),
+        ({"premium": {"trusted": "yes"}}, "tiers.premium.trusted"),
+        ({}, "client 'bob'.tier"),
+    ],
+)
+async def test_bad_tiers_fail_at_start_naming_the_field(
+    make_gateway: GatewayFactory, tiny_torchscript: Path, tiers: dict, field: str
+) -> None:
+    from gateway.params import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        await make_gateway([_escalating_model(tiny_torchscript)], tiers=tiers)
+    assert field in str(caught.value), caught.value
