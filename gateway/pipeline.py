@@ -113,7 +113,12 @@ class DataPlane:
             await self._in_pool(protection.admit, client)
             self._stage("admission", request.model_name, started)
         started = self._clock()
-        response = await served.backend.infer(request, deadline)
+        try:
+            response = await served.backend.infer(request, deadline)
+        except GatewayError as error:
+            if served.config.backend.name == "upstream":
+                self._metrics.upstream_errors.labels(model=request.model_name, code=error.code.name).inc()
+            raise
         self._metrics.backend_duration.labels(
             model=request.model_name, backend=served.config.backend.name
         ).observe(self._clock() - started)

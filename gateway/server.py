@@ -38,6 +38,7 @@ from gateway.servicer import InferenceServicer
 from protos import admin_pb2_grpc, inference_pb2_grpc
 
 log = logging.getLogger("moat.gateway")
+READINESS_INTERVAL_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,34 @@ class Gateway:
         self.metrics = GatewayMetrics(self.registry, [model.name for model in config.models])
         self.store = _store(config)
         self.alerts = AlertSink(self.store, self.metrics)
-        self.plane = build_plane(config, self.metrics, self.store, load_server_secret(config.auth), self.alerts)
+        self._secret = load_server_secret(config.auth)
+        self.plane = build_plane(config, self.metrics, self.store, self._secret, self.alerts)
         self.health = health.aio.HealthServicer()
         self._public: grpc.aio.Server | None = None
         self._admin: grpc.aio.Server | None = None
         self._metrics_server: MetricsServer | None = None
+        self._readiness: asyncio.Task[None] | None = None
         self.ports: Ports | None = None
+        self._declare_series()
+
+    def _declare_series(self) -> None:
+        """Create every bounded label set at 0, so the first alert or error is an increase that
+        Prometheus' increase()/rate() can see (a series born at 1 looks like no change)."""
+        for name, served in self.plane.models.items():
+            self.metrics.requests.labels(model=name, code="OK")
+            if served.config.backend.name == "upstream":
+                self.metrics.upstream_errors.labels(model=name, code="UNAVAILABLE")
+            for detector in served.config.detectors:
+                self.metrics.alerts.labels(model=name, detector=detector.name)
+
+    async def _watch_readiness(self, interval: float = READINESS_INTERVAL_SECONDS) -> None:
+        """Refresh moat_model_ready on a timer: probes use grpc.health.v1, which asks no model."""
+        while True:
+            try:
+                await self.plane.server_ready()
+            except Exception:  # noqa: BLE001 - a failed probe must never stop the watcher
+                log.exception("readiness check failed")
+            await asyncio.sleep(interval)
 
     async def start(self) -> Ports:
         server = self.config.server
@@ -136,7 +159,7 @@ class Gateway:
             interceptors=[StatusInterceptor()], options=_server_options(server.max_message_bytes)
         )
         admin_pb2_grpc.add_MoatAdminServicer_to_server(
-            AdminServicer(self.plane, self.keys, self.alerts), self._admin)
+            AdminServicer(self.plane, self.keys, self.alerts, secret=self._secret), self._admin)
         reflection.enable_server_reflection([admin.SERVICE_NAME, reflection.SERVICE_NAME], self._admin)
         grpc_port = _bind(self._public, server.host, server.grpc_port, server.tls)
         admin_port = _bind(self._admin, server.host, server.admin_port, server.tls)
@@ -145,6 +168,7 @@ class Gateway:
         await self._admin.start()
         for name in ("", servicer.SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._readiness = asyncio.create_task(self._watch_readiness())
         self.ports = Ports(grpc=grpc_port, admin=admin_port, metrics=self._metrics_server.port)
         log.info(json.dumps({"event": "serving", "host": server.host, **self.ports.__dict__,
                              "models": sorted(self.plane.models)}))
@@ -167,6 +191,8 @@ class Gateway:
         grace = self.config.server.grace_seconds if grace is None else grace
         started = time.monotonic()
         await self.health.enter_graceful_shutdown()
+        if self._readiness is not None:
+            self._readiness.cancel()
         servers = [s for s in (self._public, self._admin) if s is not None]
         await asyncio.gather(*(s.stop(grace) for s in servers))
         await self.plane.close()

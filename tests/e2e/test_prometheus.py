@@ -137,11 +137,8 @@ def test_extraction_alert_fires_for_the_thief_only(stack: tuple[Proc, Prometheus
     query(gateway, ENCODER, "alice", narrow, batch=50)
     # Upstream health and errors: readiness checks refresh moat_model_ready, the dead upstream
     # answers UNAVAILABLE.
-    c = client(gateway)
-    assert c.is_server_ready(headers=key_of("alice")) is False
-    with pytest.raises(InferenceServerException) as error:
-        c.infer(DEAD, [infer_input("x", np.zeros((1, 4), np.float32), "FP32")], headers=key_of("alice"))
-    assert "UNAVAILABLE" in str(error.value.status())
+    assert client(gateway).is_server_ready(headers=key_of("alice")) is False
+    _call_dead_upstream(gateway)
     # Wait until Prometheus has scraped all of it, then the alert expression must still be empty.
     wait_until(lambda: _scraped(prom, f'sum(moat_requests_total{{model="{ENCODER}",code="OK"}})', 6),
                20, "the honest requests in Prometheus", interval=0.5)
@@ -162,6 +159,15 @@ def test_extraction_alert_fires_for_the_thief_only(stack: tuple[Proc, Prometheus
     wait_until(lambda: ("MoatExtractionAlert", ENCODER) in prom.firing(), 20, "MoatExtractionAlert firing",
                interval=0.5)
     assert not {name for name, _ in prom.firing()} & {"MoatGatewayDown", "MoatLatencySLO"}
+    # A second failure, scrapes after the first, so the upstream-error rate is above zero.
+    _call_dead_upstream(gateway)
+
+
+def _call_dead_upstream(gateway: Proc) -> None:
+    with pytest.raises(InferenceServerException) as error:
+        client(gateway).infer(DEAD, [infer_input("x", np.zeros((1, 4), np.float32), "FP32")],
+                              headers=key_of("alice"))
+    assert "UNAVAILABLE" in str(error.value.status())
 
 
 def _exported_names(gateway: Proc) -> str:
@@ -173,7 +179,12 @@ def test_every_dashboard_query_returns_data(stack: tuple[Proc, PrometheusServer]
     gateway, prom = stack
     # Runs after the thief test (file order): all traffic kinds have been seen. The 5-minute
     # window stands in for Grafana's $__rate_interval and covers this whole module's traffic.
-    wait_until(lambda: _scraped(prom, "sum(moat_alerts_total)", 1), 20, "alerts in Prometheus", interval=0.5)
+    # Rates need two samples of a series: wait until the latest counters have a few.
+    for series in ("moat_alerts_total", f'moat_requests_total{{model="{DEAD}"}}'):
+        wait_until(lambda: _scraped(prom, f"min(count_over_time({series}[5m]))", 3), 20, f"samples of {series}",
+                   interval=0.5)
+    wait_until(lambda: _scraped(prom, f'sum(moat_requests_total{{model="{DEAD}"}})', 2), 20,
+               "both upstream failures in Prometheus", interval=0.5)
     dashboard = json.loads(DASHBOARD.read_text())
     exposition = _exported_names(gateway)
     checked, empty = 0, []
@@ -188,7 +199,6 @@ def test_every_dashboard_query_returns_data(stack: tuple[Proc, PrometheusServer]
             checked += 1
     pending = [(title, expr) for title, expr in empty
                if any(name in expr and name not in exposition for name in PENDING_METRICS)]
-    print("DEBUG", prom.query("moat_requests_total"), [l for l in exposition.splitlines() if "requests_total" in l])
     assert [e for e in empty if e not in pending] == []
     # Tolerated only while the gateway does not export it; once it does, the panel must show data.
     assert len(pending) <= 1
