@@ -1,0 +1,9 @@
+"""Model-stealing attacks, registered by name in :data:`ATTACKS` (see :mod:`evaluation.attacks.base`).
+
+Importing this package registers every attack module.
+"""
+
+from evaluation.attacks.base import (ATTACKS, Attack, AttackContext, AttackResult, AttackSpec, create_attack,
+                                     read_params)
+
+__all__ = ["ATTACKS", "Attack", "AttackContext", "AttackResult", "AttackSpec", "create_attack", "read_params"]
