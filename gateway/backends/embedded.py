@@ -5,6 +5,11 @@ The model comes from exactly one source in the params:
 ``torchscript: PATH``, or ``timm: {arch, checkpoint, num_classes, softmax, kwargs}``
 (a timm architecture built without pretrained weights, then loaded from a local state dict).
 Its metadata (input and output tensors) comes from the config.
+
+Concurrent requests are batched (:mod:`gateway.backends.batching`) when every declared tensor is
+batch-major (first dimension -1): ``max_batch_delay_ms`` (default 0: only requests that queued
+while the model was busy join a batch, so a lone request waits for nothing) and ``max_batch_rows``
+(default 256) bound how long a batch may wait to fill and how many rows it holds.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from gateway.backends.base import BACKENDS, check_params, parse_tensor_specs
+from gateway.backends.batching import DynamicBatcher
 from gateway.config import ConfigError
 from gateway.errors import DeadlineExceeded
 from gateway.types import InferRequest, InferResponse, ModelMetadata
@@ -29,6 +35,7 @@ except ImportError:  # the proxy-only image has no torch
     torch = None  # type: ignore[assignment]
 
 _SOURCES = ("zoo", "torchscript", "timm")
+DEFAULT_MAX_BATCH_ROWS = 256
 
 
 def _resolve_device(requested: str, where: str) -> str:
@@ -88,13 +95,17 @@ def _load_model(params: Mapping[str, Any], where: str) -> Any:
 class EmbeddedBackend:
     """Runs a torch module on a dedicated worker thread so the event loop never blocks."""
 
-    def __init__(self, name: str, model: Any, metadata: ModelMetadata, device: str) -> None:
+    def __init__(self, name: str, model: Any, metadata: ModelMetadata, device: str, *,
+                 max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, max_batch_delay_ms: float = 0.0) -> None:
         self.name = name
         self._model = model.to(device).eval()
         self._metadata = metadata
         self._device = device
         # One worker: the model saturates the cores itself; more threads only contend.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embedded-{name}")
+        batch_major = all(spec.shape[0] == -1 for spec in (*metadata.inputs, *metadata.outputs))
+        self.batcher = DynamicBatcher(self._run_batch, self._executor, max_rows=max_batch_rows,
+                                      max_delay=max_batch_delay_ms / 1000.0) if batch_major else None
 
     async def start(self) -> None:
         return None
@@ -109,14 +120,20 @@ class EmbeddedBackend:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline expired before the model ran")
         arrays = [request.inputs[spec.name] for spec in self._metadata.inputs]
-        loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self._executor, self._run, arrays)
+        if self.batcher is not None:
+            values = await self.batcher.submit("forward", arrays, deadline)
+            outputs = {spec.name: value for spec, value in zip(self._metadata.outputs, values, strict=True)}
+        else:
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(self._executor, self._run, arrays)
         return InferResponse(model_name=self.name, outputs=outputs, id=request.id)
 
     async def features(self, inputs: np.ndarray) -> np.ndarray | None:
         """The model's ``features(x)`` (float32 [B, F], e.g. penultimate activations) if it has one."""
         if not hasattr(self._model, "features"):
             return None
+        if self.batcher is not None:
+            return (await self.batcher.submit("features", [inputs]))[0]
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._features, inputs)
 
@@ -124,6 +141,13 @@ class EmbeddedBackend:
         with torch.inference_mode():
             tensor = torch.tensor(inputs, device=self._device).float()
             return self._model.features(tensor).detach().cpu().numpy().astype(np.float32, copy=False)
+
+    def _run_batch(self, method: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """One batch on the worker thread: outputs in declared order (``features``: one array)."""
+        if method == "features":
+            return [self._features(arrays[0])]
+        outputs = self._run(arrays)
+        return [outputs[spec.name] for spec in self._metadata.outputs]
 
     def _run(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
         tensors = []
@@ -142,6 +166,8 @@ class EmbeddedBackend:
         }
 
     async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
         self._executor.shutdown(wait=True)
 
 
@@ -150,7 +176,14 @@ def create_embedded(name: str, params: Mapping[str, Any], where: str, **_: Any) 
     """Build an embedded backend from ``params`` (see the module docstring)."""
     if torch is None:
         raise ConfigError(f"{where}", "the embedded backend needs torch: pip install 'moat[models]'")
-    check_params(params, where, {*_SOURCES, "device", "inputs", "outputs"}, {"inputs", "outputs"})
+    check_params(params, where, {*_SOURCES, "device", "inputs", "outputs", "max_batch_rows", "max_batch_delay_ms"},
+                 {"inputs", "outputs"})
+    rows = params.get("max_batch_rows", DEFAULT_MAX_BATCH_ROWS)
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ConfigError(f"{where}.max_batch_rows", f"must be an integer >= 1, got {rows!r}")
+    delay = params.get("max_batch_delay_ms", 0.0)
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 1000:
+        raise ConfigError(f"{where}.max_batch_delay_ms", f"must be a number of milliseconds in [0, 1000], got {delay!r}")
     metadata = ModelMetadata(
         name=name,
         inputs=parse_tensor_specs(params["inputs"], f"{where}.inputs"),
@@ -159,4 +192,5 @@ def create_embedded(name: str, params: Mapping[str, Any], where: str, **_: Any) 
         versions=("1",),
     )
     device = _resolve_device(str(params.get("device", "auto")), f"{where}.device")
-    return EmbeddedBackend(name, _load_model(params, where), metadata, device)
+    return EmbeddedBackend(name, _load_model(params, where), metadata, device,
+                           max_batch_rows=rows, max_batch_delay_ms=float(delay))

@@ -1,0 +1,210 @@
+"""Scenario ``detectors``: per-query cost of each detector, defense and watermark of the demo
+config as one client's history grows (1k, 10k, 100k queries), and the whole protect stage's
+per-request cost with 10 vs 100,000 distinct clients in the store.
+
+Components are built exactly as the gateway builds them (:class:`gateway.protection.ModelProtection`
+from ``deploy/configs/demo.yaml``, standard tier, the demo secret). Queries: Fashion-MNIST images
+(with a little jitter) and one-hot-ish probabilities for the classifier; Gaussian 128-d vectors for
+the encoder's embeddings and the classifier's penultimate features (hashing cost does not depend
+on the values). A client's history is grown 1,000 queries at a time through its detectors; then
+``calls`` batches of 1 and of 32 queries are timed per component (the timed calls add at most a
+fifth of the history, so each figure is the cost at that history). Figures are per query: the
+median over calls of (call time / batch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defenses.base import DefenseContext
+from detectors.base import QueryBatch
+from evaluation.bench.detectors import classifier_batches
+from evaluation.bench.results import Result, find
+from gateway.auth import Client
+from gateway.protection import ModelProtection
+from gateway.state.base import StateStore
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "configs" / "demo.yaml"
+MODELS = {"fashion-classifier": "classifier", "fashion-encoder": "encoder"}
+
+
+def demo_protection(model: str, store: StateStore) -> ModelProtection:
+    """The demo config's protect stage for ``model`` over ``store``."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.alerts import AlertSink
+    from gateway.config import load_config
+    from gateway.metrics import GatewayMetrics
+    from gateway.secrets import load_server_secret
+
+    config = load_config(DEMO_CONFIG)
+    index, model_config = next((i, m) for i, m in enumerate(config.models) if m.name == model)
+    metrics = GatewayMetrics(CollectorRegistry(), [m.name for m in config.models])
+    secret = load_server_secret(config.auth)
+    return ModelProtection(model_config, f"models[{index}]", config.tiers, store, secret, metrics,
+                           AlertSink(store, metrics))
+
+
+def demo_batches(model: str, seed: int = 0) -> Callable[[int], QueryBatch]:
+    """Query batches for ``model``: ``draw(n)`` -> QueryBatch of n queries (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    if MODELS[model] == "encoder":
+        image = np.zeros((1, 1, 28, 28), np.float32)
+
+        def draw(n: int) -> QueryBatch:
+            outputs = rng.standard_normal((n, 128)).astype(np.float32)
+            return QueryBatch(model, "encoder", np.broadcast_to(image, (n, 1, 28, 28)), outputs)
+
+        return draw
+    images = classifier_batches(seed)
+
+    def draw_classifier(n: int) -> QueryBatch:
+        base = images(n)
+        probabilities = (base.outputs * 0.9 + 0.01).astype(np.float32)
+        features = np.maximum(rng.standard_normal((n, 128)), 0).astype(np.float32)
+        return QueryBatch(model, "classifier", base.inputs, probabilities, embeddings=features)
+
+    return draw_classifier
+
+
+def grow(protection: ModelProtection, client: str, draw: Callable[[int], QueryBatch], queries: int) -> None:
+    """Add ``queries`` queries to ``client``'s detector state, 1,000 at a time."""
+    detectors = protection.tiers["standard"].detectors.values()
+    while queries > 0:
+        batch = draw(min(1_000, queries))
+        for detector in detectors:
+            detector.observe(client, batch)
+        queries -= len(batch.outputs)
+
+
+def time_components(protection: ModelProtection, client: str, batches: Sequence[QueryBatch]) -> dict[str, list[float]]:
+    """Seconds per call of each detector, defense and the watermark, over ``batches`` in turn."""
+    tier = protection.tiers["standard"]
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, call: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        value = call()
+        times.setdefault(name, []).append(time.perf_counter() - started)
+        return value
+
+    for batch in batches:
+        verdicts = {name: timed(name, lambda d=d: d.observe(client, batch)) for name, d in tier.detectors.items()}
+        suspicion = max((v.score for v in verdicts.values()), default=0.0)
+        context = DefenseContext(client=client, batch=batch, verdicts=verdicts, suspicion=suspicion,
+                                 flagged=suspicion >= tier.policy.flag_at)
+        for defense in tier.defenses:
+            timed(defense.name, lambda d=defense: d.apply(batch.outputs, context))
+        if tier.watermark is not None:
+            timed(f"watermark:{tier.watermark.name}", lambda: tier.watermark.mark(batch.outputs, context))
+    return times
+
+
+def history_results(store: StateStore, store_name: str, models: Sequence[str], histories: Sequence[int],
+                    batch_sizes: Sequence[int], repeats: int) -> list[Result]:
+    """Per-query cost of each component of each model at each history (see the module docstring)."""
+    results = []
+    for model in models:
+        protection = demo_protection(model, store)
+        draw = demo_batches(model)
+        grow(protection, "warm-up", draw, 1)
+        for history in histories:
+            client = f"history-{store_name}-{history}"
+            grow(protection, client, draw, history)
+            for size in batch_sizes:
+                calls = max(3, min(repeats, history // 5 // size // len(batch_sizes)))
+                times = time_components(protection, client, [draw(size) for _ in range(calls)])
+                for name, seconds in times.items():
+                    per_query = np.asarray(seconds) / size
+                    results.append(Result(
+                        scenario="detectors", model=model, contender=name, history=history, clients=1,
+                        p50_ms=float(np.median(per_query) * 1e3), p99_ms=float(np.percentile(per_query, 99) * 1e3),
+                        throughput_rps=float(1.0 / per_query.mean()), rounds=calls,
+                        store=store_name, batch=size))
+    return results
+
+
+def history_ratios(results: Sequence[Result], histories: Sequence[int]) -> list[dict[str, Any]]:
+    """Target: per-query cost at the largest history <= 1.5x its cost at the smallest."""
+    low, high = min(histories), max(histories)
+    ratios = []
+    for r in results:
+        if r.scenario != "detectors" or r.history != high or r.clients != 1:
+            continue
+        base = next((b for b in results if b.scenario == "detectors" and b.history == low and b.clients == 1
+                     and (b.model, b.contender, b.store, b.batch) == (r.model, r.contender, r.store, r.batch)), None)
+        if base is None or base.p50_ms is None:
+            continue
+        value = r.p50_ms / base.p50_ms  # type: ignore[operator]
+        ratios.append({"target": f"per-query cost @{high} / @{low} history",
+                       "subject": f"{r.model} {r.contender} {r.store} b{r.batch}",
+                       "value": value, "bound": "<= 1.5", "holds": value <= 1.5})
+    return ratios
+
+
+def populate(protection: ModelProtection, draw: Callable[[int], QueryBatch], clients: int,
+             queries: int = 1, start: int = 0) -> None:
+    """Give clients ``start`` .. ``clients - 1`` state through the protect stage (``queries`` each)."""
+    from tqdm import tqdm
+
+    for i in tqdm(range(start, clients), desc=f"clients {start}->{clients}", unit="client", mininterval=2.0,
+                  leave=False, disable=clients - start < 10_000):
+        protection.protect(Client(f"c{i}"), draw(queries))
+
+
+def time_protect(protection: ModelProtection, draw: Callable[[int], QueryBatch], clients: int, calls: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Seconds per protect call (1 query) of randomly chosen existing clients."""
+    batches = [draw(1) for _ in range(calls)]
+    ids = rng.integers(0, clients, calls)
+    seconds = np.empty(calls)
+    for k, (i, batch) in enumerate(zip(ids, batches, strict=True)):
+        started = time.perf_counter()
+        protection.protect(Client(f"c{i}"), batch)
+        seconds[k] = time.perf_counter() - started
+    return seconds
+
+
+def clients_results(stores: dict[str, tuple[StateStore, StateStore]], model: str, counts: tuple[int, int],
+                    calls: int, rounds: int, seed: int = 0) -> list[Result]:
+    """The protect stage's per-request cost (batch 1) with ``counts[0]`` vs ``counts[1]`` clients in
+    the store: two stores per kind, populated through the protect stage, timed in alternating rounds."""
+    results = []
+    rng = np.random.default_rng(seed)
+    for store_name, (small, large) in stores.items():
+        draw = demo_batches(model, seed)
+        protections = (demo_protection(model, small), demo_protection(model, large))
+        for protection, count in zip(protections, counts, strict=True):
+            populate(protection, draw, count)
+        samples: dict[int, list[np.ndarray]] = {count: [] for count in counts}
+        for _ in range(rounds):
+            for protection, count in zip(protections, counts, strict=True):
+                samples[count].append(time_protect(protection, draw, count, calls, rng))
+        for count in counts:
+            p50 = float(np.median([np.median(s) for s in samples[count]]) * 1e3)
+            p99 = float(np.median([np.percentile(s, 99) for s in samples[count]]) * 1e3)
+            rps = float(np.median([len(s) / s.sum() for s in samples[count]]))
+            results.append(Result(scenario="detectors", model=model, contender="protect", store=store_name,
+                                  batch=1, clients=count, p50_ms=p50, p99_ms=p99, throughput_rps=rps,
+                                  rounds=rounds))
+    return results
+
+
+def clients_ratios(results: Sequence[Result], counts: tuple[int, int]) -> list[dict[str, Any]]:
+    """Target: per-request cost with ``counts[1]`` clients <= 1.2x with ``counts[0]``."""
+    ratios = []
+    for r in results:
+        if r.scenario == "detectors" and r.contender == "protect" and r.clients == counts[1]:
+            base = find(results, scenario="detectors", model=r.model, contender="protect", store=r.store,
+                        clients=counts[0])
+            if base is not None:
+                value = r.p50_ms / base.p50_ms  # type: ignore[operator]
+                ratios.append({"target": f"protect cost with {counts[1]} / {counts[0]} clients",
+                               "subject": f"{r.model} protect {r.store}", "value": value,
+                               "bound": "<= 1.2", "holds": value <= 1.2})
+    return ratios

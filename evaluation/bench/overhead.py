@@ -1,0 +1,146 @@
+"""Scenario ``overhead``: what moat adds to a request, against the floor of any Python gRPC hop.
+
+Four contenders answer the demo classifier and encoder from one real KServe ModelServer, all over
+loopback, driven by the stock tritonclient (batch-1 requests of Fashion-MNIST test images):
+
+- ``direct``: the client talks to KServe itself;
+- ``bare-proxy``: through :mod:`evaluation.bench.proxy` (bytes in, bytes out);
+- ``moat-off``: through moat with the upstream backend and no detectors, defenses or watermark;
+- ``moat-full``: through moat with the demo config's protection of each model (detectors,
+  defenses, watermark, policy, SQLite state), forwarding to the same KServe. The classifier's
+  coverage detector hashes pixels here (``source: auto``): an upstream backend has no
+  penultimate features to hash.
+
+Rounds interleave the contenders (the order rotates each round) so that load from other
+processes hits them alike; each figure is the median over rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from evaluation.bench.load import Load
+from evaluation.bench.procs import REPO, Processes
+from evaluation.bench.results import Result, Sample, find, median_result
+
+DEMO_CONFIG = REPO / "deploy" / "configs" / "demo.yaml"
+CONTENDERS = ("direct", "bare-proxy", "moat-off", "moat-full")
+OUTPUTS = {"fashion-classifier": "probabilities", "fashion-encoder": "embedding"}
+
+
+def bench_keys(workdir: Path, clients: int) -> tuple[Path, list[str]]:
+    """A keys file with ``clients`` bench clients (standard tier); returns it and the raw keys."""
+    from gateway.auth import hash_key
+
+    keys = [f"bench-client-{i}-key" for i in range(clients)]
+    path = workdir / "bench-keys.yaml"
+    path.write_text(yaml.safe_dump({
+        "admin_token_sha256": hash_key("bench-admin-token"),
+        "clients": [{"id": f"bench-{i}", "key_sha256": hash_key(k)} for i, k in enumerate(keys)]}))
+    return path, keys
+
+
+def moat_config(workdir: Path, upstream: str, keys_file: Path, *, protected: bool) -> Path:
+    """The demo config forwarding to ``upstream``; with ``protected=False`` its protection is removed."""
+    data = yaml.safe_load(DEMO_CONFIG.read_text())
+    data["auth"] = {"keys_file": str(keys_file), "server_secret_file": str(DEMO_CONFIG.parent / "demo-secret")}
+    data["state"] = ({"name": "sqlite", "params": {"path": str(workdir / "moat-full-state.db")}}
+                     if protected else {"name": "memory"})
+    for model in data["models"]:
+        model["backend"] = {"name": "upstream", "params": {"address": upstream, "model": model["name"]}}
+        if not protected:
+            for key in ("detectors", "defenses", "watermark", "policy"):
+                model.pop(key, None)
+            continue
+        for detector in model.get("detectors", []):
+            if detector.get("params", {}).get("source") == "embedding":
+                detector["params"]["source"] = "auto"
+    path = workdir / f"moat-{'full' if protected else 'off'}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def start_contenders(procs: Processes, workdir: Path, clients: int) -> tuple[dict[str, str], list[str]]:
+    """Start KServe, the proxy and both gateways; returns contender -> address, and the API keys."""
+    from evaluation import zoo
+
+    upstream = procs.kserve({name: zoo.zoo_path(name) for name in OUTPUTS}, OUTPUTS)
+    keys_file, keys = bench_keys(workdir, clients)
+    addresses = {"direct": upstream, "bare-proxy": procs.proxy(upstream)}
+    for name, protected in (("moat-off", False), ("moat-full", True)):
+        addresses[name] = procs.gateway(name, moat_config(workdir, upstream, keys_file, protected=protected))
+    return addresses, keys
+
+
+def test_images(count: int, seed: int) -> np.ndarray:
+    """``count`` Fashion-MNIST test images, float32 [count, 1, 28, 28] in [0, 1], in a seeded order."""
+    from evaluation.data import load_fashion_mnist
+
+    images = load_fashion_mnist("test").images
+    return images[np.random.default_rng(seed).permutation(len(images))[:count]]
+
+
+async def _measure(addresses: dict[str, str], keys: list[str], images: np.ndarray, models: Sequence[str],
+                   concurrencies: Sequence[int], requests: dict[int, int], rounds: int) -> list[Result]:
+    loads = {(c, m): Load(addresses[c], m, images, keys) for c in addresses for m in models}
+    for load in loads.values():
+        await load.__aenter__()
+    try:
+        for load in loads.values():  # warm-up: channels, model caches, the first state rows
+            await load.run(8, 64)
+        samples: dict[tuple[str, str, int], list[Sample]] = {}
+        contenders = list(addresses)
+        for r in range(rounds):
+            order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
+            for model in models:
+                for concurrency in concurrencies:
+                    for contender in order:
+                        sample = await loads[contender, model].run(concurrency, requests[concurrency])
+                        samples.setdefault((contender, model, concurrency), []).append(sample)
+    finally:
+        for load in loads.values():
+            await load.__aexit__()
+    return [median_result(s, scenario="overhead", model=m, contender=c, concurrency=k,
+                          clients=len(keys) if c.startswith("moat") else None)
+            for (c, m, k), s in samples.items()]
+
+
+def run_overhead(workdir: Path, *, models: Sequence[str] = tuple(OUTPUTS), concurrencies: Sequence[int] = (1, 32),
+                 requests: dict[int, int] | None = None, rounds: int = 5, clients: int = 32,
+                 seed: int = 0) -> list[Result]:
+    """Measure every contender at each concurrency on each model; results sorted by model."""
+    requests = requests or {1: 300, 32: 1500}
+    with Processes(workdir) as procs:
+        addresses, keys = start_contenders(procs, workdir, clients)
+        images = test_images(1000, seed)
+        results = asyncio.run(_measure(addresses, keys, images, models, concurrencies, requests, rounds))
+    order = {c: i for i, c in enumerate(CONTENDERS)}
+    return sorted(results, key=lambda r: (r.model, r.concurrency, order[r.contender]))
+
+
+def overhead_ratios(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """The targets: moat-full p50 <= 1.3x bare-proxy at c=1; throughput >= 0.75x bare-proxy at c=32."""
+    ratios = []
+    for model in sorted({r.model for r in results if r.scenario == "overhead"}):
+        for concurrency, figure, bound, upper in ((1, "p50_ms", 1.3, True), (32, "throughput_rps", 0.75, False)):
+            base = find(results, scenario="overhead", model=model, contender="bare-proxy", concurrency=concurrency)
+            if base is None:
+                continue
+            for contender in ("direct", "moat-off", "moat-full"):
+                mine = find(results, scenario="overhead", model=model, contender=contender, concurrency=concurrency)
+                if mine is None:
+                    continue
+                value = getattr(mine, figure) / getattr(base, figure)
+                target = contender == "moat-full"
+                ratios.append({
+                    "target": f"overhead {figure} c={concurrency} vs bare-proxy",
+                    "subject": f"{model} {contender}", "value": value,
+                    "bound": (f"<= {bound}" if upper else f">= {bound}") if target else "info",
+                    "holds": (value <= bound if upper else value >= bound) if target else True})
+    return ratios

@@ -1,0 +1,129 @@
+"""Bench results: one :class:`Result` per measurement, medians over rounds, the JSON file and tables.
+
+``bench.json`` is ``{"machine": {...}, "command": "...", "results": [Result, ...], "ratios": [...]}``;
+every figure of the README's table can be recomputed from ``results``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULT_FIELDS = ("scenario", "model", "contender", "concurrency", "history", "clients",
+                 "p50_ms", "p99_ms", "throughput_rps", "bytes_per_client", "store", "batch")
+
+
+@dataclass
+class Result:
+    """One measurement. ``None`` where a field does not apply (e.g. ``history`` in ``overhead``)."""
+
+    scenario: str
+    model: str
+    contender: str
+    concurrency: int | None = None
+    history: int | None = None
+    clients: int | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    throughput_rps: float | None = None
+    bytes_per_client: float | None = None
+    store: str | None = None  # the state store, where one is involved
+    batch: int | None = None  # queries per request, where it is not 1
+    rounds: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One round of one contender: request latencies (seconds, float [n]) and the round's wall time."""
+
+    latencies: np.ndarray
+    wall_s: float
+
+    @property
+    def p50_ms(self) -> float:
+        return float(np.percentile(self.latencies, 50) * 1e3)
+
+    @property
+    def p99_ms(self) -> float:
+        return float(np.percentile(self.latencies, 99) * 1e3)
+
+    @property
+    def throughput_rps(self) -> float:
+        return len(self.latencies) / self.wall_s
+
+
+def median_result(samples: Sequence[Sample], **key: Any) -> Result:
+    """The median over rounds of each figure (rounds are interleaved with other contenders)."""
+    return Result(
+        **key,
+        p50_ms=statistics.median(s.p50_ms for s in samples),
+        p99_ms=statistics.median(s.p99_ms for s in samples),
+        throughput_rps=statistics.median(s.throughput_rps for s in samples),
+        rounds=len(samples),
+    )
+
+
+def find(results: Iterable[Result], **key: Any) -> Result | None:
+    """The first result whose fields equal ``key`` (None if there is none)."""
+    for result in results:
+        if all(getattr(result, name) == value for name, value in key.items()):
+            return result
+    return None
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def write_json(path: Path, results: Sequence[Result], ratios: Sequence[dict[str, Any]], command: str) -> None:
+    payload = {"machine": machine(), "command": command,
+               "results": [asdict(r) for r in results], "ratios": list(ratios)}
+    path.write_text(json.dumps(payload, indent=2, default=float))
+
+
+def _cell(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.3g}"
+    return str(value)
+
+
+def table(rows: Sequence[Sequence[Any]], head: Sequence[str]) -> str:
+    """A plain-text table with right-aligned columns."""
+    cells = [list(head)] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def results_table(results: Sequence[Result]) -> str:
+    rows = [[r.scenario, r.model, r.contender, r.store, r.batch, r.concurrency, r.history, r.clients, r.p50_ms,
+             r.p99_ms, r.throughput_rps, r.bytes_per_client] for r in results]
+    return table(rows, ["scenario", "model", "contender", "store", "batch", "conc", "history", "clients",
+                        "p50 ms", "p99 ms", "per s", "B/client"])
+
+
+def ratio_table(ratios: Sequence[dict[str, Any]]) -> str:
+    rows = [[r["target"], r["subject"], r["value"], r["bound"], "yes" if r["holds"] else "NO"] for r in ratios]
+    return table(rows, ["target", "subject", "ratio", "bound", "holds"])
