@@ -188,6 +188,10 @@ def _parser() -> argparse.ArgumentParser:
     alerts.add_argument("--limit", type=int, default=100, help="at most this many (without --follow)")
     _admin_options(alerts)
     alerts.set_defaults(handler=_alerts)
+
+    from evaluation.cli import configure as configure_evaluate  # light: torch is imported only when it runs
+
+    configure_evaluate(commands.add_parser("evaluate", help="attack gateways with the evaluation suite, report"))
     return parser
 
 

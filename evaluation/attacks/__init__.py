@@ -6,4 +6,7 @@ Importing this package registers every attack module.
 from evaluation.attacks.base import (ATTACKS, Attack, AttackContext, AttackResult, AttackSpec, create_attack,
                                      read_params)
 
+# Importing the attack modules registers them.
+from evaluation.attacks import classifier, wrappers  # noqa: E402,F401
+
 __all__ = ["ATTACKS", "Attack", "AttackContext", "AttackResult", "AttackSpec", "create_attack", "read_params"]

@@ -1,0 +1,236 @@
+"""Classifier-stealing attacks: ``knockoff``, ``jbda`` and ``copycat``.
+
+Each trains a :class:`~evaluation.attacks.thief.ThiefCNN` on the victim's answers, reached only through
+``ctx.victim`` (the gateway). Queries go out in stages; after each stage the thief trains on everything
+answered so far (warm start) and a snapshot is kept for the metric-vs-queries curve. A refusal
+(blocked, throttled) ends the querying and the thief trains on what it got.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evaluation.attacks.base import ATTACKS, AttackContext, AttackResult, read_params
+from evaluation.attacks.thief import ThiefCNN, fit_images, query_all, snapshot, train_on_answers
+
+__all__ = ["Copycat", "Jbda", "Knockoff"]
+
+_TRAIN = {"stages": 4, "epochs": 3, "lr": 3e-3, "batch": 128, "width": 16, "chunk": 500, "augment": False}
+
+
+def _stage_sizes(total: int, stages: int) -> list[int]:
+    """``total`` split into ``stages`` near-equal positive parts (fewer parts when total < stages)."""
+    stages = max(1, min(stages, total))
+    base, extra = divmod(total, stages)
+    return [base + (1 if i < extra else 0) for i in range(stages)]
+
+
+def _staged(ctx: AttackContext, p: Mapping[str, Any], seed: int, soft: bool, name: str,
+            pick: Callable[[int, int, torch.nn.Module], np.ndarray],
+            feedback: Callable[[np.ndarray, np.ndarray, torch.nn.Module], None] | None = None) -> AttackResult:
+    """Query ``pick(stage, n, model)`` images per stage, train, snapshot; returns the result."""
+    model = ThiefCNN(ctx.input_shape, ctx.num_outputs, width=p["width"])
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    curve: list[tuple[int, torch.nn.Module]] = []
+    used, refused_at = 0, None
+    for stage, n in enumerate(_stage_sizes(ctx.budget, p["stages"])):
+        qx, qy, refused = query_all(ctx.victim.query, pick(stage, n, model), chunk=p["chunk"],
+                                    progress=ctx.progress, desc=f"{name} queries")
+        if feedback is not None and len(qy):
+            feedback(qx, qy, model)
+        used += len(qy)
+        if refused and refused_at is None:
+            refused_at = used
+        if len(qy):
+            xs.append(qx)
+            ys.append(qy)
+        if xs:
+            train_on_answers(model, np.concatenate(xs), np.concatenate(ys), soft=soft, epochs=p["epochs"],
+                             lr=p["lr"], batch=p["batch"], seed=seed + stage, progress=ctx.progress,
+                             desc=f"{name} training", augment=p["augment"])
+        curve.append((used, snapshot(model)))
+        if refused:
+            break
+    return AttackResult(surrogate=model.eval(), queries=used, refused_after=refused_at, curve=curve)
+
+
+class _GradientBandit:
+    """Gradient bandit over pool categories (Sutton & Barto §2.8), as Knockoff's adaptive strategy."""
+
+    def __init__(self, categories: np.ndarray, lr: float, rng: np.random.Generator) -> None:
+        self.cats, self.index = np.unique(categories, return_inverse=True)
+        self.members = [np.flatnonzero(self.index == k) for k in range(len(self.cats))]
+        self.h = np.zeros(len(self.cats))
+        self.lr, self.rng, self.baseline, self.seen = lr, rng, 0.0, 0
+
+    def policy(self) -> np.ndarray:
+        e = np.exp(self.h - self.h.max())
+        return e / e.sum()
+
+    def sample(self, n: int) -> np.ndarray:
+        """Pool indices int64 ``[n]``: a category per query from the policy, then a member at random."""
+        arms = self.rng.choice(len(self.cats), size=n, p=self.policy())
+        return np.array([self.members[a][self.rng.integers(len(self.members[a]))] for a in arms], np.int64)
+
+    def update(self, idx: np.ndarray, rewards: np.ndarray) -> None:
+        """One averaged gradient-bandit step from per-query rewards float ``[n]`` of pool rows ``idx``."""
+        pi, grad = self.policy(), np.zeros_like(self.h)
+        for arm, r in zip(self.index[idx], rewards, strict=True):
+            onehot = np.zeros_like(self.h)
+            onehot[arm] = 1.0
+            grad += (r - self.baseline) * (onehot - pi)
+            self.seen += 1
+            self.baseline += (r - self.baseline) / self.seen
+        self.h += self.lr * grad / max(1, len(idx))
+
+
+@ATTACKS.register("knockoff")
+class Knockoff:
+    """KnockoffNets: Orekondy, Schiele, Fritz, "Knockoff Nets: Stealing Functionality of Black-Box
+    Models", CVPR 2019. Samples the thief's pool at random or adaptively (a gradient bandit over the
+    pool's categories, rewarded by the thief's loss on the victim's answer) and trains on soft
+    (probabilities) or hard (argmax) answers.
+
+    Params: ``sampling`` random|adaptive, ``labels`` hard|soft, ``bandit_lr``, and the training
+    params ``stages``, ``epochs`` (per stage), ``lr``, ``batch``, ``width``, ``chunk``, ``augment``.
+    """
+
+    name, kind = "knockoff", "classifier"
+    DEFAULTS = {"sampling": "random", "labels": "hard", "bandit_lr": 2.0, **_TRAIN}
+
+    def __init__(self, params: Mapping[str, Any], *, seed: int) -> None:
+        self.p = read_params(self.name, params, self.DEFAULTS,
+                             {"sampling": ("random", "adaptive"), "labels": ("hard", "soft")})
+        self.seed = seed
+
+    def run(self, ctx: AttackContext) -> AttackResult:
+        rng = np.random.default_rng(self.seed)
+        pool = fit_images(ctx.pool.images, ctx.input_shape)
+        soft = self.p["labels"] == "soft"
+        if self.p["sampling"] == "random":
+            order = rng.permutation(len(pool))
+            if ctx.budget > len(pool):
+                order = np.concatenate([order, rng.integers(len(pool), size=ctx.budget - len(pool))])
+            cursor = [0]
+
+            def pick(stage: int, n: int, model: torch.nn.Module) -> np.ndarray:
+                cursor[0] += n
+                return pool[order[cursor[0] - n:cursor[0]]]
+
+            return _staged(ctx, self.p, self.seed, soft, self.name, pick)
+        if ctx.pool.labels is None:
+            raise ValueError("knockoff.sampling=adaptive needs a query pool with category labels")
+        bandit = _GradientBandit(ctx.pool.labels, self.p["bandit_lr"], rng)
+        last: list[np.ndarray] = []
+
+        def pick_adaptive(stage: int, n: int, model: torch.nn.Module) -> np.ndarray:
+            last[:] = [bandit.sample(n)]
+            return pool[last[0]]
+
+        def feedback(qx: np.ndarray, qy: np.ndarray, model: torch.nn.Module) -> None:
+            with torch.no_grad():
+                logp = F.log_softmax(model.eval()(torch.from_numpy(qx)), dim=1).numpy()
+            target = qy / np.clip(qy.sum(1, keepdims=True), 1e-8, None)
+            rewards = -(target * logp).sum(1)
+            bandit.update(last[0][:len(qy)], rewards / max(1e-8, float(rewards.std()) + 1.0))
+
+        return _staged(ctx, self.p, self.seed, soft, self.name, pick_adaptive, feedback)
+
+
+@ATTACKS.register("copycat")
+class Copycat:
+    """Copycat CNN: Correia-Silva et al., "Copycat CNN: Stealing Knowledge by Persuading Confession
+    with Random Non-Labeled Data", IJCNN 2018. Queries random natural images from outside the
+    problem domain (crops of scikit-image's photographs), optionally mixed with a fraction
+    ``problem_domain`` of the suite's pool, and trains on the hard labels."""
+
+    name, kind = "copycat", "classifier"
+    DEFAULTS = {"problem_domain": 0.0, **_TRAIN}
+
+    def __init__(self, params: Mapping[str, Any], *, seed: int) -> None:
+        self.p = read_params(self.name, params, self.DEFAULTS)
+        if not 0.0 <= self.p["problem_domain"] <= 1.0:
+            raise ValueError(f"copycat.problem_domain must be in [0, 1], got {self.p['problem_domain']}")
+        self.seed = seed
+
+    def run(self, ctx: AttackContext) -> AttackResult:
+        from evaluation.data import natural_image_crops
+
+        rng = np.random.default_rng(self.seed)
+        n_domain = int(round(ctx.budget * self.p["problem_domain"]))
+        c, h, _ = ctx.input_shape
+        crops = natural_image_crops(ctx.budget - n_domain, size=int(h), channels=1 if c == 1 else 3,
+                                    seed=self.seed).images
+        domain = fit_images(ctx.pool.images[rng.choice(len(ctx.pool), n_domain)], ctx.input_shape)
+        images = fit_images(np.concatenate([crops, domain]), ctx.input_shape)[rng.permutation(ctx.budget)]
+        cursor = [0]
+
+        def pick(stage: int, n: int, model: torch.nn.Module) -> np.ndarray:
+            cursor[0] += n
+            return images[cursor[0] - n:cursor[0]]
+
+        return _staged(ctx, self.p, self.seed, False, self.name, pick)
+
+
+@ATTACKS.register("jbda")
+class Jbda:
+    """Jacobian-based dataset augmentation: Papernot et al., "Practical Black-Box Attacks against
+    Machine Learning", AsiaCCS 2017. A small labelled seed set grows each round by
+    x' = clip(x + λ·sign(∇x F_sub(x)[ŷ])) with λ = ``step``·(−1)^⌊round/τ⌋ (doubling the set),
+    hard labels; queries stop at the budget.
+
+    Params: ``seed_size``, ``rounds``, ``step``, ``tau``, ``epochs`` (per round), ``lr``, ``batch``,
+    ``width``, ``chunk``.
+    """
+
+    name, kind = "jbda", "classifier"
+    DEFAULTS = {"seed_size": 150, "rounds": 6, "step": 0.1, "tau": 3, "epochs": 10, "lr": 3e-3, "batch": 128,
+                "width": 16, "chunk": 500}
+
+    def __init__(self, params: Mapping[str, Any], *, seed: int) -> None:
+        self.p = read_params(self.name, params, self.DEFAULTS)
+        for key in ("seed_size", "rounds", "tau", "epochs"):
+            if self.p[key] < 1:
+                raise ValueError(f"jbda.{key} must be >= 1, got {self.p[key]}")
+        self.seed = seed
+
+    def _grow(self, model: torch.nn.Module, x: np.ndarray, labels: np.ndarray, lam: float) -> np.ndarray:
+        xt = torch.from_numpy(np.ascontiguousarray(x)).requires_grad_(True)
+        logits = model.eval()(xt)
+        logits.gather(1, torch.from_numpy(labels).view(-1, 1)).sum().backward()
+        return np.clip(x + lam * np.sign(xt.grad.numpy()), 0.0, 1.0).astype(np.float32)
+
+    def run(self, ctx: AttackContext) -> AttackResult:
+        rng = np.random.default_rng(self.seed)
+        p = self.p
+        seed_x = fit_images(ctx.pool.images[rng.choice(len(ctx.pool), min(p["seed_size"], ctx.budget))],
+                            ctx.input_shape)
+        model = ThiefCNN(ctx.input_shape, ctx.num_outputs, width=p["width"])
+        x, y, refused = query_all(ctx.victim.query, seed_x, chunk=p["chunk"], progress=ctx.progress,
+                                  desc="jbda queries")
+        refused_at = len(y) if refused else None
+        curve: list[tuple[int, torch.nn.Module]] = []
+        for rnd in range(p["rounds"] + 1):
+            if len(x):
+                train_on_answers(model, x, y, soft=False, epochs=p["epochs"], lr=p["lr"], batch=p["batch"],
+                                 seed=self.seed + rnd, progress=ctx.progress, desc="jbda training")
+            curve.append((len(y), snapshot(model)))
+            room = ctx.budget - len(y)
+            if refused or rnd == p["rounds"] or room <= 0 or not len(x):
+                break
+            lam = p["step"] * (-1.0) ** (rnd // p["tau"])
+            parents = rng.permutation(len(x))[:room]
+            new_x = self._grow(model, x[parents], y[parents].argmax(1), lam)
+            qx, qy, refused = query_all(ctx.victim.query, new_x, chunk=p["chunk"], progress=ctx.progress,
+                                        desc="jbda queries")
+            if len(qy):
+                x, y = np.concatenate([x, qx]), np.concatenate([y, qy])
+            if refused and refused_at is None:
+                refused_at = len(y)
+        return AttackResult(surrogate=model.eval(), queries=len(y), refused_after=refused_at, curve=curve)
