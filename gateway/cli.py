@@ -192,6 +192,12 @@ def _parser() -> argparse.ArgumentParser:
     from evaluation.cli import configure as configure_evaluate  # light: torch is imported only when it runs
 
     configure_evaluate(commands.add_parser("evaluate", help="attack gateways with the evaluation suite, report"))
+
+    from evaluation.bench import cli as bench_cli  # light: the scenarios import what they need when run
+
+    bench = commands.add_parser("bench", help="benchmarks: overhead vs a bare proxy, detector and store cost")
+    bench_cli.configure(bench)
+    bench.set_defaults(handler=bench_cli.run)
     return parser
 
 

@@ -66,15 +66,19 @@ def moat_config(workdir: Path, upstream: str, keys_file: Path, *, protected: boo
     return path
 
 
-def start_contenders(procs: Processes, workdir: Path, clients: int) -> tuple[dict[str, str], list[str]]:
+def start_contenders(procs: Processes, workdir: Path, clients: int,
+                     contenders: Sequence[str] = CONTENDERS) -> tuple[dict[str, str], list[str]]:
     """Start KServe, the proxy and both gateways; returns contender -> address, and the API keys."""
     from evaluation import zoo
 
     upstream = procs.kserve({name: zoo.zoo_path(name) for name in OUTPUTS}, OUTPUTS)
     keys_file, keys = bench_keys(workdir, clients)
-    addresses = {"direct": upstream, "bare-proxy": procs.proxy(upstream)}
+    addresses = {"direct": upstream}
+    if "bare-proxy" in contenders:
+        addresses["bare-proxy"] = procs.proxy(upstream)
     for name, protected in (("moat-off", False), ("moat-full", True)):
-        addresses[name] = procs.gateway(name, moat_config(workdir, upstream, keys_file, protected=protected))
+        if name in contenders:
+            addresses[name] = procs.gateway(name, moat_config(workdir, upstream, keys_file, protected=protected))
     return addresses, keys
 
 
@@ -113,11 +117,12 @@ async def _measure(addresses: dict[str, str], keys: list[str], images: np.ndarra
 
 def run_overhead(workdir: Path, *, models: Sequence[str] = tuple(OUTPUTS), concurrencies: Sequence[int] = (1, 32),
                  requests: dict[int, int] | None = None, rounds: int = 5, clients: int = 32,
-                 seed: int = 0) -> list[Result]:
+                 seed: int = 0, contenders: Sequence[str] = CONTENDERS) -> list[Result]:
     """Measure every contender at each concurrency on each model; results sorted by model."""
     requests = requests or {1: 300, 32: 1500}
     with Processes(workdir) as procs:
-        addresses, keys = start_contenders(procs, workdir, clients)
+        addresses, keys = start_contenders(procs, workdir, clients, contenders)
+        addresses = {name: address for name, address in addresses.items() if name in contenders}
         images = test_images(1000, seed)
         results = asyncio.run(_measure(addresses, keys, images, models, concurrencies, requests, rounds))
     order = {c: i for i, c in enumerate(CONTENDERS)}

@@ -1,6 +1,7 @@
 """The ``sqlite`` state store: the embedded default, one database file in WAL mode.
 
-Durability: every method is one transaction committed before it returns. With
+Durability: every method is one transaction committed before it returns (or, inside
+:meth:`SqliteStore.transaction`, part of one committed when that block ends). With
 ``journal_mode=WAL`` and ``synchronous=NORMAL`` a commit is in the WAL file (the OS page cache)
 when the method returns, so it survives the *process* being killed (``kill -9``, OOM killer,
 crash); only an OS crash or power loss can lose the last few commits (never corrupt the file).
@@ -93,9 +94,29 @@ class SqliteStore:
         return conn
 
     @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group this thread's calls into one write transaction, committed on exit (so durable
+        before the caller goes on) and rolled back as a whole on an exception. The gateway wraps
+        each request's protect stage in one: a commit per request instead of one per call, which
+        was most of the stage's cost (measured by ``moat bench``). Nested use joins the outer one."""
+        if getattr(self._local, "in_transaction", False):
+            yield
+            return
+        with self._write():
+            self._local.in_transaction = True
+            try:
+                yield
+            finally:
+                self._local.in_transaction = False
+
+    @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, committed on exit, rolled back on an exception."""
+        """One write transaction, committed on exit, rolled back on an exception; inside
+        :meth:`transaction`, part of that one."""
         conn = self._conn()
+        if getattr(self._local, "in_transaction", False):
+            yield conn
+            return
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
