@@ -1,0 +1,44 @@
+"""`moat bench --quick` runs every scenario end to end (real KServe, proxy, gateways, redis-server)
+and writes a bench.json from which the target ratios can be recomputed. Toy sizes: this checks the
+harness and the file's schema, never speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.servers.procs import REPO
+
+FIELDS = {"scenario", "model", "contender", "concurrency", "history", "clients", "p50_ms", "p99_ms",
+          "throughput_rps", "bytes_per_client"}
+
+
+def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "gateway.cli", "bench", "--quick", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=240, env=os.environ.copy())
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads((tmp_path / "bench.json").read_text())
+    results = data["results"]
+    assert all(FIELDS <= set(r) for r in results)
+    assert {r["scenario"] for r in results} == {"overhead", "detectors", "state", "embedded"}
+    overhead = {(r["model"], r["contender"], r["concurrency"]) for r in results if r["scenario"] == "overhead"}
+    assert overhead == {(m, c, k) for m in ("fashion-classifier", "fashion-encoder")
+                        for c in ("direct", "bare-proxy", "moat-off", "moat-full") for k in (1, 32)}
+    timed = [r for r in results if r["bytes_per_client"] is None]
+    assert all(r["p50_ms"] > 0 and r["p99_ms"] >= r["p50_ms"] and r["throughput_rps"] > 0 for r in timed)
+    detectors = {r["contender"] for r in results if r["scenario"] == "detectors"}
+    assert {"prada", "coverage", "b4b", "misinformation", "protect"} <= detectors
+    assert {r["history"] for r in results if r["scenario"] == "detectors" and r["history"]} == {100, 1000}
+    sizes = {r["store"]: r["bytes_per_client"] for r in results if r["bytes_per_client"] is not None}
+    assert set(sizes) == {"sqlite", "redis"} and all(size > 0 for size in sizes.values())
+    # the ratios in the file follow from its results
+    full = next(r for r in results if (r["scenario"], r["model"], r["contender"], r["concurrency"])
+                == ("overhead", "fashion-encoder", "moat-full", 1))
+    proxy = next(r for r in results if (r["scenario"], r["model"], r["contender"], r["concurrency"])
+                 == ("overhead", "fashion-encoder", "bare-proxy", 1))
+    ratio = next(r for r in data["ratios"] if r["subject"] == "fashion-encoder moat-full" and "c=1" in r["target"])
+    assert abs(ratio["value"] - full["p50_ms"] / proxy["p50_ms"]) < 1e-9
+    assert "moat-full" in run.stdout and "bare-proxy" in run.stdout

@@ -1,0 +1,132 @@
+"""The dynamic batcher: concurrent requests share forward passes and each gets exactly its rows."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from gateway.backends.batching import DynamicBatcher
+from gateway.errors import DeadlineExceeded
+
+
+class Doubler:
+    """A model on the worker thread: outputs 2x and the row sums; records each batch's row count."""
+
+    def __init__(self, seconds: float = 0.0, fail_on: float | None = None) -> None:
+        self.seconds, self.fail_on = seconds, fail_on
+        self.batches: list[int] = []
+        self.threads: set[str] = set()
+
+    def __call__(self, method: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(len(arrays[0]))
+        time.sleep(self.seconds)
+        x = arrays[0]
+        if self.fail_on is not None and np.any(x == self.fail_on):
+            raise RuntimeError("model failed")
+        return [x * 2, x.reshape(len(x), -1).sum(axis=1)]
+
+
+@pytest.fixture
+def executor() -> ThreadPoolExecutor:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+    yield pool
+    pool.shutdown()
+
+
+async def test_concurrent_requests_share_batches_and_get_their_own_rows(executor: ThreadPoolExecutor) -> None:
+    model = Doubler(seconds=0.02)
+    batcher = DynamicBatcher(model, executor, max_rows=64, max_delay=0.0)
+    rng = np.random.default_rng(0)
+    inputs = [rng.random((1 + i % 3, 2, 2), dtype=np.float32) for i in range(32)]
+    answers = await asyncio.gather(*(batcher.submit("forward", [x]) for x in inputs))
+    for x, (doubled, sums) in zip(inputs, answers, strict=True):
+        np.testing.assert_array_equal(doubled, x * 2)
+        np.testing.assert_allclose(sums, x.reshape(len(x), -1).sum(axis=1), rtol=1e-6)
+    assert sum(model.batches) == sum(len(x) for x in inputs)
+    assert len(model.batches) <= 3  # the first runs alone; the rest queued behind it
+    assert model.threads == {"model_0"}
+    await batcher.close()
+
+
+async def test_batches_hold_at_most_max_rows(executor: ThreadPoolExecutor) -> None:
+    model = Doubler(seconds=0.01)
+    batcher = DynamicBatcher(model, executor, max_rows=5, max_delay=0.0)
+    inputs = [np.full((2, 3), i, np.float32) for i in range(20)]
+    answers = await asyncio.gather(*(batcher.submit("forward", [x]) for x in inputs))
+    assert max(model.batches) <= 5
+    assert [float(a[0][0, 0]) for a in answers] == [2.0 * i for i in range(20)]
+    await batcher.close()
+
+
+async def test_incompatible_requests_are_not_mixed(executor: ThreadPoolExecutor) -> None:
+    model = Doubler(seconds=0.01)
+    batcher = DynamicBatcher(model, executor, max_rows=64, max_delay=0.0)
+    inputs = [np.ones((1, 2 + i % 2), np.float32) * i for i in range(10)]
+    methods = ["forward" if i < 8 else "features" for i in range(10)]
+    answers = await asyncio.gather(*(batcher.submit(m, [x]) for m, x in zip(methods, inputs, strict=True)))
+    for x, (doubled, _) in zip(inputs, answers, strict=True):
+        np.testing.assert_array_equal(doubled, x * 2)
+    assert len(model.batches) >= 3  # two widths and two methods cannot share one batch
+    await batcher.close()
+
+
+async def test_a_positive_delay_waits_for_companions(executor: ThreadPoolExecutor) -> None:
+    model = Doubler()
+    batcher = DynamicBatcher(model, executor, max_rows=64, max_delay=0.2)
+
+    async def later(x: np.ndarray) -> list[np.ndarray]:
+        await asyncio.sleep(0.02)
+        return await batcher.submit("forward", [x])
+
+    await asyncio.gather(batcher.submit("forward", [np.ones((1, 2), np.float32)]), later(np.zeros((1, 2), np.float32)))
+    assert model.batches == [2]
+    await batcher.close()
+
+
+async def test_zero_delay_runs_a_lone_request_at_once(executor: ThreadPoolExecutor) -> None:
+    model = Doubler()
+    batcher = DynamicBatcher(model, executor, max_rows=64, max_delay=0.0)
+    first = await batcher.submit("forward", [np.ones((1, 2), np.float32)])
+    second = await batcher.submit("forward", [np.ones((1, 2), np.float32)])
+    assert model.batches == [1, 1]
+    np.testing.assert_array_equal(first[0], second[0])
+    await batcher.close()
+
+
+async def test_a_failing_batch_fails_its_callers_only(executor: ThreadPoolExecutor) -> None:
+    model = Doubler(seconds=0.02, fail_on=7.0)
+    batcher = DynamicBatcher(model, executor, max_rows=64, max_delay=0.0)
+    first = asyncio.ensure_future(batcher.submit("forward", [np.zeros((1, 2), np.float32)]))
+    await asyncio.sleep(0.005)  # the first batch is running; these two queue into the next one
+    bad = [batcher.submit("forward", [np.full((1, 2), v, np.float32)]) for v in (7.0, 1.0)]
+    results = await asyncio.gather(first, *bad, return_exceptions=True)
+    assert isinstance(results[0], list)
+    assert all(isinstance(r, RuntimeError) for r in results[1:])
+    again = await batcher.submit("forward", [np.ones((1, 2), np.float32)])
+    np.testing.assert_array_equal(again[0], np.full((1, 2), 2.0))
+    await batcher.close()
+
+
+async def test_a_request_whose_deadline_passed_in_the_queue_is_refused(executor: ThreadPoolExecutor) -> None:
+    model = Doubler(seconds=0.05)
+    batcher = DynamicBatcher(model, executor, max_rows=64, max_delay=0.0)
+    first = asyncio.ensure_future(batcher.submit("forward", [np.zeros((1, 2), np.float32)]))
+    await asyncio.sleep(0.005)
+    with pytest.raises(DeadlineExceeded, match="queued"):
+        await batcher.submit("forward", [np.zeros((1, 2), np.float32)], deadline=time.monotonic() + 0.01)
+    await first
+    assert model.batches == [1]
+    await batcher.close()
+
+
+def test_bounds_are_checked(executor: ThreadPoolExecutor) -> None:
+    with pytest.raises(ValueError, match="max_rows must be >= 1, got 0"):
+        DynamicBatcher(Doubler(), executor, max_rows=0, max_delay=0.0)
+    with pytest.raises(ValueError, match="max_delay must be >= 0, got -1"):
+        DynamicBatcher(Doubler(), executor, max_rows=1, max_delay=-1)
