@@ -4,7 +4,7 @@ A preset turns the suite's models into a gateway config: ``none`` serves them un
 protects each with the demo config's protection for its kind (``deploy/configs/demo.yaml``: PRADA +
 coverage + adaptive misinformation + DAWN for classifiers, B4B coverage + per-key transform and
 noise for encoders). A suite may also name its own gateway YAML (``{name, config}``); its protection
-blocks are taken per kind the same way. Keys are generated per client id; the gateway keeps its
+blocks are taken by model name, else per kind the same way. Keys are generated per client id; the gateway keeps its
 state in SQLite under the output directory.
 """
 
@@ -33,12 +33,13 @@ def api_key(client_id: str) -> str:
 
 
 def _protection_by_kind(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The first model's protection blocks per kind in a gateway config."""
+    """Protection blocks of a gateway config, keyed by model name and (first model of each) by kind;
+    a suite model takes its own name's block, else its kind's."""
     out: dict[str, dict[str, Any]] = {}
     for model in config.get("models", []):
-        kind = model.get("kind")
-        if kind not in out:
-            out[kind] = {k: copy.deepcopy(model[k]) for k in _PROTECTION if k in model}
+        block = {k: copy.deepcopy(model[k]) for k in _PROTECTION if k in model}
+        out.setdefault(f"name:{model.get('name')}", block)
+        out.setdefault(str(model.get("kind")), block)
     return out
 
 
@@ -77,7 +78,8 @@ def _model_block(model: Any, protection: Mapping[str, Any]) -> dict[str, Any]:
             "outputs": [{"name": output, "datatype": "FP32", "shape": [-1, model.num_outputs]}],
         }},
     }
-    block.update(copy.deepcopy(dict(protection.get(model.kind, {}))))
+    chosen = protection.get(f"name:{model.name}", protection.get(model.kind, {}))
+    block.update(copy.deepcopy(dict(chosen)))
     return block
 
 

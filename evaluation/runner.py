@@ -45,6 +45,7 @@ class Target:
 class Prepared:
     """A suite model with its data loaded and the clean reference outputs computed."""
 
+    index: int
     entry: ModelEntry
     reference: torch.nn.Module
     pool: ImageDataset
@@ -88,7 +89,7 @@ class Runner:
         shape = model.input_shape
         reference = load_reference(model.source, f"models[{mi}].source")
         ev = load_source(model.data["eval"], shape)
-        p = Prepared(entry=model, reference=reference, pool=load_pool(model.data["pool"], shape), eval=ev,
+        p = Prepared(index=mi, entry=model, reference=reference, pool=load_pool(model.data["pool"], shape), eval=ev,
                      eval_ref=outputs(reference, ev.images))
         if model.kind == "classifier":
             if ev.labels is not None:
@@ -149,7 +150,8 @@ class Runner:
         result = attack.run(ctx)
         seconds = time.perf_counter() - t0
         monitor.poll(force=True)
-        refusal = victim.clients[0].refusal if isinstance(victim, KeyPool) else victim.refusal
+        clients = victim.clients if isinstance(victim, KeyPool) else [victim]
+        refusal = next((c.refusal for c in clients if c.refusal is not None), None)
         blocked = monitor.blocked_after
         if blocked is None and refusal is not None and refusal.code == "PERMISSION_DENIED":
             blocked = victim.refused_after
@@ -192,7 +194,8 @@ class Runner:
 
     def run_preset(self, prepared: list[Prepared], defense: str, address: str, admin: Any) -> tuple[list, list]:
         runs, benign = [], []
-        for mi, p in enumerate(prepared):
+        for p in prepared:
+            mi = p.index
             for b in p.entry.benign:
                 benign.append(self.run_honest(mi, p, b, defense, address, admin))
                 self.log(f"[{defense}] {p.entry.name} honest {b.name}: utility {benign[-1]['utility']:.4f} "
@@ -223,12 +226,15 @@ class Runner:
             ids = [c for cs in self.plan.values() for c in cs]
             for preset in self.suite.defenses:
                 name = preset_name(preset)
-                config = gateway_config(self.suite.models, preset, ids, self.out / "gateways")
+                chosen = [p for p in prepared if p.entry.defenses is None or name in p.entry.defenses]
+                if not chosen:
+                    continue
+                config = gateway_config([p.entry for p in chosen], preset, ids, self.out / "gateways")
                 gateway = start_gateway(config, self.out / "gateways")
                 self.log(f"[{name}] gateway on {gateway.address}")
                 try:
                     with AdminClient(f"127.0.0.1:{gateway.ports['admin']}", ADMIN_TOKEN) as admin:
-                        r, b = self.run_preset(prepared, name, gateway.address, admin)
+                        r, b = self.run_preset(chosen, name, gateway.address, admin)
                 finally:
                     gateway.stop()
                 runs += r

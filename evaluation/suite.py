@@ -66,6 +66,7 @@ class ModelEntry:
     data: Mapping[str, Any]
     attacks: tuple[AttackEntry, ...]
     benign: tuple[BenignSpec, ...]
+    defenses: tuple[str, ...] | None = None  # run only under these presets (None: all of the suite's)
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ def _benign(data: Any, where: str, seed: int) -> BenignSpec:
 
 
 def _model(data: Any, where: str, seed: int) -> ModelEntry:
-    f = _Fields(data, where, {"name", "kind", "source", "input_shape", "num_outputs", "data", "attacks", "benign"})
+    f = _Fields(data, where, {"name", "kind", "source", "input_shape", "num_outputs", "data", "attacks", "benign",
+                              "defenses"})
     name, kind = f.get("name", str), f.get("kind", str)
     if kind not in _KINDS:
         raise SuiteError(f"{f.name('kind')}: must be one of {list(_KINDS)}, got {kind!r}")
@@ -205,8 +207,12 @@ def _model(data: Any, where: str, seed: int) -> ModelEntry:
     if len(set(labels)) != len(labels):
         raise SuiteError(f"{f.name('attacks')}: labels must be unique, got {labels}")
     benign = tuple(_benign(b, f"{f.name('benign')}[{i}]", seed) for i, b in enumerate(f.get("benign", list, [])))
+    defenses = f.get("defenses", list, None)
+    if defenses is not None and not all(isinstance(d, str) for d in defenses):
+        raise SuiteError(f"{f.name('defenses')}: must be a list of defense preset names, got {defenses!r}")
     return ModelEntry(name=name, kind=kind, source=source, input_shape=tuple(shape), num_outputs=outputs,
-                      data=sources, attacks=attacks, benign=benign)
+                      data=sources, attacks=attacks, benign=benign,
+                      defenses=None if defenses is None else tuple(defenses))
 
 
 def suite_path(name_or_path: str) -> Path:
@@ -248,6 +254,13 @@ def load_suite(name_or_path: str) -> Suite:
     if not models:
         raise SuiteError("models: needs at least one model")
     entries = tuple(_model(m, f"models[{i}]", seed) for i, m in enumerate(models))
+    seen = [m.name for m in entries]
+    if len(set(seen)) != len(seen):
+        raise SuiteError(f"models: names must be unique, got {seen}")
+    for i, m in enumerate(entries):
+        unknown = sorted(set(m.defenses or ()) - set(names))
+        if unknown:
+            raise SuiteError(f"models[{i}].defenses: {unknown} are not among the suite's defenses {names}")
     return Suite(name=f.get("name", str, path.stem), seed=seed, defenses=tuple(defenses), models=entries,
                  batch=f.get("batch", int, 250, minimum=1), throttle_wait_s=f.get("throttle_wait_s", float, 0.0, 0),
                  path=str(path), raw=data)
