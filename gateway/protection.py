@@ -136,6 +136,7 @@ class ModelProtection:
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._buckets: dict[str, TokenBucket] = {}
         self._statuses: dict[str, str] = {}
+        self._status_counts = {s: 0 for s in STATUSES[1:]}  # clients per non-ok status, for the gauge
 
     def _status_key(self, client: str) -> str:
         return client_key("client", self.config.name, client)
@@ -242,16 +243,23 @@ class ModelProtection:
             action = {"throttled": "throttle", "blocked": "block"}[status]
             self._metrics.defense_actions.labels(model=model, defense="policy", action=action).inc()
         with self._guard:
+            # Counted as statuses change, not by a scan of every client (moat bench: a scan made each
+            # request cost 7x more with 100,000 clients than with 10).
+            self._count_status(self._statuses.get(client), status)
             self._statuses[client] = status
-            counts = {s: 0 for s in STATUSES[1:]}
-            for value in self._statuses.values():
-                if value in counts:
-                    counts[value] += 1
+            counts = dict(self._status_counts)
         for name, count in counts.items():
             self._metrics.flagged_clients.labels(model=model, status=name).set(count)
         self._metrics.suspicion.labels(model=model).observe(suspicion)
         if "coverage" in verdicts and "coverage" in verdicts["coverage"].figures:
             self._metrics.coverage.labels(model=model).observe(verdicts["coverage"].figures["coverage"])
+
+    def _count_status(self, old: str | None, new: str | None) -> None:
+        """Move one client between status counts (call under ``self._guard``)."""
+        if old in self._status_counts:
+            self._status_counts[old] -= 1  # type: ignore[index]
+        if new in self._status_counts:
+            self._status_counts[new] += 1  # type: ignore[index]
 
     def _observe_stage(self, stage: str, started: float) -> None:
         self._metrics.stage_duration.labels(model=self.config.name, stage=stage).observe(self._clock() - started)
@@ -275,5 +283,5 @@ class ModelProtection:
         """Forget everything about ``client`` on this model; returns the number of keys deleted."""
         with self._guard:
             self._buckets.pop(client, None)
-            self._statuses.pop(client, None)
+            self._count_status(self._statuses.pop(client, None), None)
         return self._store.delete(client_prefix(self.config.name, client))

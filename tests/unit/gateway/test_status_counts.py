@@ -1,0 +1,37 @@
+"""The moat_flagged_clients gauge follows status changes and resets without scanning every client."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from detectors.base import QueryBatch
+from evaluation.bench.components import demo_protection
+from gateway.auth import Client
+from gateway.state.base import create_store
+
+
+def _gauge(protection, status: str) -> float:
+    return protection._metrics.flagged_clients.labels(model="fashion-encoder", status=status)._value.get()
+
+
+def test_flagged_count_rises_with_a_thief_and_falls_on_reset() -> None:
+    protection = demo_protection("fashion-encoder", create_store("memory", {}))
+    rng = np.random.default_rng(0)
+    image = np.zeros((1, 1, 28, 28), np.float32)
+
+    def batch(n: int) -> QueryBatch:
+        return QueryBatch("fashion-encoder", "encoder", np.broadcast_to(image, (n, 1, 28, 28)),
+                          rng.standard_normal((n, 128)).astype(np.float32))
+
+    for i in range(3):
+        protection.protect(Client(f"honest-{i}"), batch(1))
+    assert _gauge(protection, "flagged") == 0
+    for _ in range(3):
+        outcome = protection.protect(Client("thief"), batch(2000))  # random embeddings cover every bucket
+    assert outcome.status == "flagged"
+    assert _gauge(protection, "flagged") == 1
+    protection.protect(Client("thief"), batch(1))  # staying flagged does not count twice
+    assert _gauge(protection, "flagged") == 1
+    protection.reset("thief")
+    protection.protect(Client("honest-0"), batch(1))  # the gauge is refreshed with the next request
+    assert _gauge(protection, "flagged") == 0
