@@ -81,10 +81,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                      f"{_fmt(r.get('gain_remaining'))} | {_fmt(r['flagged_after'])} | {_fmt(r['blocked_after'])} | "
                      f"{_fmt(r['watermark_p_value'])} | {r['seconds']:.0f} |")
     lines += ["", "## What honest users lost", "",
-              "| model | user | task | defense | queries | utility | undefended | loss (points) | flagged |",
+              "| model | user | task | defense | queries | utility | undefended | change (points) | flagged |",
               "|---|---|---|---|---:|---:|---:|---:|---|"]
     for b in report["benign"]:
-        loss = None if b.get("utility_loss") is None else 100 * b["utility_loss"]
+        loss = None if b.get("utility_loss") is None else -100 * b["utility_loss"]
         lines.append(f"| {b['model']} | {b.get('user', '')} | {b['task']} | {b['defense']} | {b.get('queries', '')} | "
                      f"{_fmt(b['utility'], True)} | {_fmt(b['utility_undefended'], True)} | "
                      f"{'–' if loss is None else f'{loss:+.1f}'} | {'yes' if b['flagged'] else 'no'} |")

@@ -82,9 +82,17 @@ class Suite:
 
 
 def _expand(value: Any) -> Any:
+    """Expand ``${VAR}``/``${VAR:-default}``; a value that was one variable and reads as a number becomes it."""
     if isinstance(value, str):
-        return _VAR.sub(lambda m: os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)),
-                        value)
+        out = _VAR.sub(lambda m: os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)),
+                       value)
+        if out != value and _VAR.fullmatch(value):
+            for number in (int, float):
+                try:
+                    return number(out)
+                except ValueError:
+                    pass
+        return out
     if isinstance(value, list):
         return [_expand(v) for v in value]
     if isinstance(value, dict):
@@ -243,7 +251,10 @@ def load_suite(name_or_path: str) -> Suite:
     for i, d in enumerate(defenses):
         name = d.get("name") if isinstance(d, Mapping) else d
         if isinstance(d, Mapping):
-            _Fields(d, f"defenses[{i}]", {"name", "config"}).get("config", str)
+            config = path.parent / _Fields(d, f"defenses[{i}]", {"name", "config"}).get("config", str)
+            if not config.is_file():
+                raise SuiteError(f"defenses[{i}].config: no such file {config}")
+            defenses[i] = {**d, "config": str(config)}
         if not isinstance(name, str) or (not isinstance(d, Mapping) and name not in PRESETS):
             raise SuiteError(f"defenses[{i}]: unknown defense preset {name!r}; valid: {sorted(PRESETS)} "
                              "or {name, config: gateway.yaml}")
