@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"--threads: must be >= 1, got {args.threads}")
     import torch
 
-    from evaluation.report import write_report
+    from evaluation.report import summary, write_report
     from evaluation.runner import Runner, Target
     from evaluation.suite import SuiteError, load_suite
 
@@ -66,6 +66,6 @@ def run(args: argparse.Namespace) -> int:
         target = Target(args.target, args.api_key, args.admin, token)
     report = Runner(suite, out, progress=not args.no_progress, target=target).run()
     report = write_report(report, out)
-    print((out / "report.md").read_text())
+    print(summary(report))
     print(f"moat evaluate: wrote {out / 'report.json'}, {out / 'report.md'} and {len(report['plots'])} plots")
     return 0

@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RUN_FIELDS", "BENIGN_FIELDS", "finalize", "render_markdown", "score", "write_plots", "write_report"]
+__all__ = ["RUN_FIELDS", "BENIGN_FIELDS", "finalize", "render_markdown", "score", "summary", "write_plots",
+           "write_report"]
 
 RUN_FIELDS = ("model", "kind", "attack", "defense", "queries", "api_keys", "victim_accuracy", "agreement",
               "stolen_accuracy", "victim_downstream_accuracy", "stolen_downstream_accuracy", "flagged_after",
@@ -92,6 +93,32 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def summary(report: Mapping[str, Any]) -> str:
+    """A plain-text table: each attack's score without and with each defense (and the gain that
+    remains), then each honest user's utility without and with it, and whether it was flagged."""
+    base = {(r["model"], r["attack"]): r for r in report["runs"] if r["defense"] == "none"}
+    rows = [("model", "attack", "defense", "without moat", "with moat", "gain left", "flagged at")]
+    for r in report["runs"]:
+        if r["defense"] == "none":
+            continue
+        b = base.get((r["model"], r["attack"]))
+        rows.append((r["model"], r["attack"], r["defense"], _fmt(None if b is None else score(b), True),
+                     _fmt(score(r), True), _fmt(r.get("gain_remaining")), _fmt(r["flagged_after"])))
+    users = [("model", "honest user", "defense", "without moat", "with moat", "flagged", "")]
+    for u in report["benign"]:
+        if u["defense"] != "none":
+            users.append((u["model"], u.get("user", u["task"]), u["defense"], _fmt(u["utility_undefended"], True),
+                          _fmt(u["utility"], True), "yes" if u["flagged"] else "no", ""))
+
+    def table(lines: list[tuple[str, ...]]) -> str:
+        widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
+        return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                         for line in lines)
+
+    score_note = "score: agreement with the victim (classifiers), stolen linear-probe accuracy (encoders)"
+    return f"What a thief got ({score_note}):\n{table(rows)}\n\nWhat honest users kept:\n{table(users)}\n"
 
 
 def _plot_curves(runs: Sequence[Mapping[str, Any]], model: str, path: Path) -> None:

@@ -17,12 +17,13 @@ from evaluation.client import KeyPool, Refused
 __all__ = ["Averaging", "MappedPool", "Sybil", "fit_affine"]
 
 
-def fit_affine(source: np.ndarray, target: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
-    """Least-squares affine map (ridge ``ridge``) from ``source`` float ``[n, d]`` to ``target`` ``[n, e]``;
-    returns ``W`` float32 ``[d + 1, e]`` applied as ``[x, 1] @ W``."""
+def fit_affine(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Least-squares affine map (minimum-norm, so constant or collinear columns are harmless) from
+    ``source`` float ``[n, d]`` to ``target`` ``[n, e]``; returns ``W`` float32 ``[d + 1, e]`` applied as
+    ``[x, 1] @ W``."""
     a = np.hstack([source, np.ones((len(source), 1))]).astype(np.float64)
-    gram = a.T @ a + ridge * np.eye(a.shape[1])
-    return np.linalg.solve(gram, a.T @ target.astype(np.float64)).astype(np.float32)
+    w, *_ = np.linalg.lstsq(a, target.astype(np.float64), rcond=None)
+    return w.astype(np.float32)
 
 
 def _apply(w: np.ndarray, x: np.ndarray) -> np.ndarray:
