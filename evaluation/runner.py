@@ -135,12 +135,19 @@ class Runner:
         self._target_turn += len(ids)
         return out
 
-    def run_attack(self, mi: int, p: Prepared, a: AttackEntry, defense: str, address: str, admin: Any) -> dict:
-        ids = self.plan[(mi, a.label)]
+    def _watched(self, address: str, p: Prepared, ids: Sequence[str], admin: Any
+                 ) -> tuple[VictimClient | KeyPool, ClientMonitor]:
+        """The victim client (or key pool) for ``ids`` and an admin monitor watching every key."""
         victim = self._victim(address, p.entry.name, self._keys(ids))
-        monitor = ClientMonitor(admin, p.entry.name)
+        monitor = ClientMonitor(admin, p.entry.name, every=self.suite.batch)
         for cid, client in zip(ids, victim.clients if isinstance(victim, KeyPool) else [victim], strict=True):
             monitor.watch(cid, client)
+        return victim, monitor
+
+    def run_attack(self, mi: int, p: Prepared, a: AttackEntry, defense: str, address: str, admin: Any) -> dict:
+        """Run one attack through ``address`` and score its surrogate; one ``runs`` entry of the report."""
+        ids = self.plan[(mi, a.label)]
+        victim, monitor = self._watched(address, p, ids, admin)
         attack = create_attack(a.spec.name, a.spec.params, seed=a.spec.seed)
         ctx = AttackContext(victim=victim, kind=p.entry.kind, input_shape=p.entry.input_shape,
                             num_outputs=p.entry.num_outputs, budget=a.spec.budget, seed=a.spec.seed,
@@ -157,19 +164,16 @@ class Runner:
             blocked = victim.refused_after
         wm = watermark_p_value(admin, p.entry.name, ids, result.surrogate, p.entry.kind)
         victim.close()
-        metrics = self._metric(p, result.surrogate)
         key = "agreement" if p.entry.kind == "classifier" else "stolen_downstream_accuracy"
-        curve = [[int(q), self._metric(p, m)[key]] for q, m in result.curve]
         return {"model": p.entry.name, "kind": p.entry.kind, "attack": a.label, "attack_name": a.spec.name,
                 "params": dict(a.spec.params), "defense": defense, "budget": a.spec.budget,
                 "queries": int(result.queries), "api_keys": len(ids), "victim_accuracy": p.victim_accuracy,
-                **{k: metrics[k] for k in ("agreement", "stolen_accuracy")},
-                "victim_downstream_accuracy": p.victim_downstream,
-                "stolen_downstream_accuracy": metrics["stolen_downstream_accuracy"],
+                "victim_downstream_accuracy": p.victim_downstream, **self._metric(p, result.surrogate),
                 "flagged_after": monitor.flagged_after, "blocked_after": blocked,
                 "refused_after": result.refused_after,
                 "watermark_p_value": None if wm is None else wm["p_value"], "watermark": wm,
-                "chance": p.chance, "seconds": round(seconds, 2), "seed": a.spec.seed, "curve": curve,
+                "chance": p.chance, "seconds": round(seconds, 2), "seed": a.spec.seed,
+                "curve": [[int(q), self._metric(p, m)[key]] for q, m in result.curve],
                 "coverage": [[int(q), round(c, 3)] for q, c in monitor.coverage]}
 
     def run_honest(self, mi: int, p: Prepared, spec: Any, defense: str, address: str, admin: Any) -> dict:

@@ -143,6 +143,33 @@ class Knockoff:
         return _staged(ctx, self.p, self.seed, soft, self.name, pick_adaptive, feedback)
 
 
+def natural_crops(n: int, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """``n`` random crops of scikit-image's bundled photographs (10-100% of the short side, anywhere),
+    resized with antialiasing to ``shape`` ``(C, H, W)``: float32 ``[n, C, H, W]`` in [0, 1]. Like
+    :func:`evaluation.data.natural_image_crops`, with torch resizing (fast enough for query pools)."""
+    from evaluation.data import _natural_photos
+
+    short = 8 * max(int(shape[1]), int(shape[2]))  # photos shrunk once: the smallest crops keep ~their size
+
+    def shrink(photo: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(photo.transpose(2, 0, 1)))[None]
+        scale = min(1.0, short / min(t.shape[2:]))
+        size = (max(1, round(t.shape[2] * scale)), max(1, round(t.shape[3] * scale)))
+        return F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+    photos = [shrink(p) for p in _natural_photos()]
+    out = np.empty((n, 3, int(shape[1]), int(shape[2])), np.float32)
+    for i in range(n):
+        img = photos[int(rng.integers(len(photos)))]
+        h, w = img.shape[1:]
+        side = max(4, int(round(min(h, w) * rng.uniform(0.1, 1.0))))
+        top, left = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
+        crop = img[None, :, top:top + side, left:left + side]
+        out[i] = F.interpolate(crop, size=tuple(out.shape[2:]), mode="bilinear", antialias=True,
+                               align_corners=False)[0].numpy()
+    return fit_images(out, shape)
+
+
 @ATTACKS.register("copycat")
 class Copycat:
     """Copycat CNN: Correia-Silva et al., "Copycat CNN: Stealing Knowledge by Persuading Confession
@@ -160,13 +187,9 @@ class Copycat:
         self.seed = seed
 
     def run(self, ctx: AttackContext) -> AttackResult:
-        from evaluation.data import natural_image_crops
-
         rng = np.random.default_rng(self.seed)
         n_domain = int(round(ctx.budget * self.p["problem_domain"]))
-        c, h, _ = ctx.input_shape
-        crops = natural_image_crops(ctx.budget - n_domain, size=int(h), channels=1 if c == 1 else 3,
-                                    seed=self.seed).images
+        crops = natural_crops(ctx.budget - n_domain, ctx.input_shape, rng)
         domain = fit_images(ctx.pool.images[rng.choice(len(ctx.pool), n_domain)], ctx.input_shape)
         images = fit_images(np.concatenate([crops, domain]), ctx.input_shape)[rng.permutation(ctx.budget)]
         cursor = [0]
