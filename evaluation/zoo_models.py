@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,10 +17,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 __all__ = [
+    "EncoderClassifier",
     "FashionCNN",
     "FashionEncoder",
     "augment",
     "embed",
+    "fit_logits",
     "linear_probe_accuracy",
     "nt_xent",
     "train_classifier",
@@ -205,3 +208,88 @@ def linear_probe_accuracy(train_feats: np.ndarray, train_y: np.ndarray, test_fea
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=1.0, random_state=seed))
     clf.fit(train_feats, train_y)
     return float(clf.score(test_feats, test_y))
+
+
+class EncoderClassifier(nn.Module):
+    """A classifier on a :class:`FashionEncoder`-shaped trunk (conv body + ``fc`` to ``dim``) and a linear head.
+
+    ``forward``: ``[B,1,28,28]`` float32 -> probabilities ``[B, num_classes]`` float32; ``logits`` the same
+    before softmax; ``features``: -> the trunk's activations after ReLU ``[B, dim]`` float32. Built from a
+    pretrained encoder (fine-tuning) or from a fresh one (training from scratch): same size either way.
+    """
+
+    def __init__(self, encoder: FashionEncoder | None = None, num_classes: int = 10) -> None:
+        super().__init__()
+        encoder = encoder if encoder is not None else FashionEncoder()
+        self.body = encoder.body
+        self.fc = encoder.fc
+        dim = encoder.fc[2].num_features
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.2), nn.Linear(dim, num_classes))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(self.body(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(x), dim=1)
+
+    @torch.jit.export
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(self.body(x)))
+
+
+def fit_logits(model: nn.Module, logits: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray, y: np.ndarray, *,
+               epochs: int, batch: int = 128, lr: float = 3e-3, trunk: Sequence[nn.Parameter] = (),
+               trunk_lr_scale: float = 1.0, optimizer: str = "adamw", weight_decay: float = 1e-4,
+               flip: bool = True, seed: int = 0, progress: bool = True, desc: str = "train",
+               on_epoch: Callable[[int], None] | None = None) -> nn.Module:
+    """Cross-entropy training of ``logits(x)`` on images ``x`` float32 ``[N,C,H,W]`` and labels ``y`` int64 ``[N]``.
+
+    ``trunk`` parameters (a pretrained part) train at ``lr * trunk_lr_scale`` (0 freezes them); the rest at
+    ``lr``. ``optimizer`` is ``adamw`` (one-cycle schedule) or ``sgd`` (momentum 0.9, cosine schedule, as in
+    the foundation-model stealing paper). Horizontal flips when ``flip``. Batches move to the device of
+    ``model``'s parameters. ``on_epoch(epoch)`` runs after each epoch (model in eval mode; e.g. validation).
+    Returns ``model`` in eval mode.
+    """
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    trunk_ids = {id(p) for p in trunk}
+    for p in trunk:
+        p.requires_grad_(trunk_lr_scale > 0)
+    head = [p for p in model.parameters() if id(p) not in trunk_ids and p.requires_grad]
+    groups = [{"params": head, "lr": lr}]
+    if trunk_lr_scale > 0 and trunk_ids:
+        groups.append({"params": list(trunk), "lr": lr * trunk_lr_scale})
+    xt, yt = torch.from_numpy(np.array(x, dtype=np.float32)), torch.from_numpy(np.array(y, dtype=np.int64))
+    per_epoch = max(1, len(xt) // batch)
+    steps = max(1, epochs * per_epoch)
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=steps,
+                                                    pct_start=0.2)
+    device = next(model.parameters()).device
+    with tqdm(total=steps, desc=desc, unit="step", mininterval=1.0, disable=not progress) as bar:
+        for epoch in range(epochs):
+            model.train()
+            perm = torch.randperm(len(xt), generator=gen)
+            for i in range(per_epoch):
+                idx = perm[i * batch:(i + 1) * batch] if len(xt) >= batch else perm
+                xb = xt[idx]
+                if flip:
+                    mask = torch.rand(len(idx), generator=gen) < 0.5
+                    xb = torch.where(mask.view(-1, 1, 1, 1), xb.flip(3), xb)
+                loss = F.cross_entropy(logits(xb.to(device)), yt[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if on_epoch is not None:
+                model.eval()
+                on_epoch(epoch)
+    return model.eval()
