@@ -42,10 +42,11 @@ LEVELS = 2
 DEFAULT_TAU = 0.3
 
 
-def query_codes(inputs: np.ndarray) -> list[bytes]:
+def query_codes(inputs: np.ndarray, levels: int = LEVELS) -> list[bytes]:
     """Coarse codes of queries: float [B, C, H, W] (also [B, H, W] or [B, F]) in [0, 1] -> B byte
-    strings. The first channel is average-pooled to a ≤7×7 grid and quantised to 2 levels (block
-    mean below or above 0.5), so a change of a grey level or two per pixel rarely changes the code."""
+    strings. The first channel is average-pooled to a ≤7×7 grid and quantised to ``levels`` grey
+    levels (default 2: block mean below or above 0.5), so a change of a grey level or two per pixel
+    rarely changes the code."""
     x = np.asarray(inputs, dtype=np.float64)
     if x.ndim == 2:
         x = x[:, None, :]
@@ -54,9 +55,11 @@ def query_codes(inputs: np.ndarray) -> list[bytes]:
     if x.ndim != 3:
         raise ValueError(f"queries must be [B, C, H, W], [B, H, W] or [B, F]; got shape {np.shape(inputs)}")
     pooled = _pool(_pool(x, axis=1), axis=2)
-    levels = np.clip(np.floor(np.clip(pooled, 0.0, 1.0) * LEVELS), 0, LEVELS - 1).astype(np.uint8)
-    shape = struct.pack(">II", *levels.shape[1:])
-    return [shape + row.tobytes() for row in levels]
+    if not 2 <= levels <= 256:
+        raise ValueError(f"levels must be in 2..256, got {levels}")
+    quantised = np.clip(np.floor(np.clip(pooled, 0.0, 1.0) * levels), 0, levels - 1).astype(np.uint8)
+    shape = struct.pack(">II", *quantised.shape[1:])
+    return [shape + row.tobytes() for row in quantised]
 
 
 def _pool(x: np.ndarray, axis: int) -> np.ndarray:

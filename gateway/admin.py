@@ -12,13 +12,18 @@ import grpc
 from gateway import __version__
 from gateway.alerts import AlertSink
 from gateway.auth import Client, KeyStore
-from gateway.errors import GatewayError, ModelNotFound
+from gateway.errors import GatewayError, InvalidArgument, ModelNotFound
+from gateway.evidence import EvidenceError, dump_evidence, load_evidence
+from gateway.secrets import derive_key
 from gateway.pipeline import DataPlane
 from protos import admin_pb2 as pb
 from protos import admin_pb2_grpc as pb_grpc
 
 SERVICE_NAME = "moat.admin.v1.MoatAdmin"
 ALERT_POLL_SECONDS = 0.2
+EVIDENCE_CHUNK_BYTES = 1024 * 1024
+#: The largest evidence file ImportEvidence accepts (10,000 demo records take ~14 MB).
+MAX_EVIDENCE_FILE_BYTES = 512 * 1024 * 1024
 
 
 def _model_state(model: str, fields: dict[str, float | str]) -> pb.ClientModelState:
@@ -38,8 +43,11 @@ def _alert(record_id: int, record: dict[str, Any]) -> pb.Alert:
 
 
 class AdminServicer(pb_grpc.MoatAdminServicer):
-    def __init__(self, plane: DataPlane, keys: KeyStore, alerts: AlertSink, started: float | None = None) -> None:
+    def __init__(self, plane: DataPlane, keys: KeyStore, alerts: AlertSink, started: float | None = None,
+                 secret: bytes | None = None) -> None:
         self._plane = plane
+        # Signs exported evidence files and checks imported ones.
+        self._evidence_key = derive_key(secret, "evidence") if secret else None
         self._keys = keys
         self._alerts = alerts
         self._started = time.monotonic() if started is None else started
@@ -58,6 +66,7 @@ class AdminServicer(pb_grpc.MoatAdminServicer):
             models.append(pb.ModelInfo(
                 name=name, kind=config.kind, backend=config.backend.name, ready=is_ready,
                 detectors=[c.name for c in config.detectors], defenses=[c.name for c in config.defenses],
+                watermark=config.watermark.name if config.watermark else "",
             ))
         return pb.GetServerInfoResponse(version=__version__, uptime_seconds=time.monotonic() - self._started,
                                         models=models)
@@ -124,3 +133,61 @@ class AdminServicer(pb_grpc.MoatAdminServicer):
                 after = record_id
                 yield _alert(record_id, record)
             await asyncio.sleep(ALERT_POLL_SECONDS)
+
+    def _watermarked(self, model: str) -> Any:
+        """The served model ``model`` (or the only watermarked one when empty) that has a watermark."""
+        if model:
+            served = self._plane.model(model)
+            if served.config.watermark is None or served.protection is None:
+                raise ModelNotFound(f"model '{model}' has no watermark")
+            return served
+        marked = [s for s in self._plane.models.values() if s.config.watermark and s.protection]
+        if len(marked) != 1:
+            names = ", ".join(sorted(s.config.name for s in marked)) or "none"
+            raise InvalidArgument(f"name the model: watermarked models are {names}")
+        return marked[0]
+
+    def _export(self, client: str, served: Any) -> bytes:
+        records: list[tuple[int, dict[str, Any]]] = []
+        while batch := served.protection.evidence(client, records[-1][0] if records else 0, 1000):
+            records += batch
+        mark = served.config.watermark
+        return dump_evidence(model=served.config.name, kind=served.config.kind, client=client,
+                             watermark={"name": mark.name, "params": dict(mark.params)}, records=records,
+                             key=self._key())
+
+    def _key(self) -> bytes:
+        if self._evidence_key is None:
+            raise InvalidArgument("this gateway has no server secret to sign evidence with")
+        return self._evidence_key
+
+    async def ExportEvidence(self, request: pb.EvidenceRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EvidenceChunk]:
+        try:  # the status interceptor only wraps unary calls
+            self._keys.check_admin(context.invocation_metadata())
+            client = self._client(request.client_id)
+            data = await self._run(self._export, client.id, self._watermarked(request.model))
+        except GatewayError as error:
+            await context.abort(error.code, error.reason)
+        for start in range(0, len(data), EVIDENCE_CHUNK_BYTES):
+            yield pb.EvidenceChunk(data=data[start:start + EVIDENCE_CHUNK_BYTES])
+
+    async def ImportEvidence(self, request_iterator: AsyncIterator[pb.EvidenceChunk],
+                             context: grpc.aio.ServicerContext) -> pb.ImportEvidenceResponse:
+        try:
+            self._keys.check_admin(context.invocation_metadata())
+            parts, size = [], 0
+            async for chunk in request_iterator:
+                size += len(chunk.data)
+                if size > MAX_EVIDENCE_FILE_BYTES:
+                    raise InvalidArgument(f"evidence file larger than {MAX_EVIDENCE_FILE_BYTES} bytes")
+                parts.append(chunk.data)
+            try:
+                evidence = load_evidence(b"".join(parts), self._key())
+            except EvidenceError as error:
+                raise InvalidArgument(str(error)) from None
+            client = self._client(evidence.client)
+            served = self._watermarked(evidence.model)
+            stored = await self._run(served.protection.import_evidence, client.id, list(evidence.records))
+        except GatewayError as error:
+            await context.abort(error.code, error.reason)
+        return pb.ImportEvidenceResponse(client_id=client.id, model=served.config.name, records=stored)

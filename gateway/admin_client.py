@@ -55,6 +55,18 @@ class AdminClient:
         for alert in self._stub.StreamAlerts(pb.ListAlertsRequest(after_id=after_id), metadata=self._metadata):
             yield _dict(alert)
 
+    def export_evidence(self, client_id: str, model: str = "") -> bytes:
+        """The evidence file of ``client_id`` (on ``model``, or the only watermarked model)."""
+        chunks = self._stub.ExportEvidence(pb.EvidenceRequest(client_id=client_id, model=model),
+                                           metadata=self._metadata, timeout=max(self._timeout, 300.0))
+        return b"".join(chunk.data for chunk in chunks)
+
+    def import_evidence(self, data: bytes, chunk_bytes: int = 1024 * 1024) -> dict[str, Any]:
+        """Send an evidence file; the gateway checks its checksum and signature before storing it."""
+        chunks = (pb.EvidenceChunk(data=data[i:i + chunk_bytes]) for i in range(0, max(len(data), 1), chunk_bytes))
+        reply = self._stub.ImportEvidence(chunks, metadata=self._metadata, timeout=max(self._timeout, 300.0))
+        return _dict(reply)
+
     def close(self) -> None:
         self._channel.close()
 

@@ -134,6 +134,57 @@ def _info(args: argparse.Namespace) -> int:
     return _admin(args, run)
 
 
+def _evidence(args: argparse.Namespace) -> int:
+    def run(client: Any) -> None:
+        if args.action == "export":
+            data = client.export_evidence(args.client, args.model or "")
+            with open(args.output, "wb") as handle:
+                handle.write(data)
+            count = json.loads(data)["count"]
+            print(f"exported {count} evidence records of client {args.client} to {args.output}")
+        else:
+            print(json.dumps(client.import_evidence(args.file)))
+
+    if args.action == "export" and not (args.client and args.output):
+        print("moat: evidence export needs --client ID and -o FILE", file=sys.stderr)
+        return 2
+    if args.action == "import":
+        if not args.file:
+            print("moat: evidence import needs a FILE", file=sys.stderr)
+            return 2
+        try:
+            with open(args.file, "rb") as handle:
+                args.file = handle.read()
+        except OSError as error:
+            print(f"moat: cannot read {args.file}: {error.strerror}", file=sys.stderr)
+            return 2
+    return _admin(args, run)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from gateway.evidence import EvidenceError, load_evidence
+    from gateway.verify import VerifyError, endpoint_suspect, torchscript_suspect, verify, write_result
+
+    if bool(args.suspect) == bool(args.suspect_endpoint) or (args.suspect_endpoint and not args.model):
+        print("moat verify: give --suspect MODEL_FILE, or --suspect-endpoint HOST:PORT with --model NAME",
+              file=sys.stderr)
+        return 2
+    try:
+        with open(args.evidence, "rb") as handle:
+            evidence = load_evidence(handle.read())
+        suspect = (torchscript_suspect(args.suspect) if args.suspect
+                   else endpoint_suspect(args.suspect_endpoint, args.model, args.api_key))
+        result = verify(evidence, suspect, args.alpha)
+    except OSError as error:
+        print(f"moat verify: cannot read {args.evidence}: {error.strerror}", file=sys.stderr)
+        return 2
+    except (EvidenceError, VerifyError) as error:
+        print(f"moat verify: {error}", file=sys.stderr)
+        return 1
+    print(write_result(result, args.output))
+    return 0
+
+
 def _table(rows: list[dict]) -> str:
     if not rows:
         return "(none)"
@@ -188,6 +239,25 @@ def _parser() -> argparse.ArgumentParser:
     alerts.add_argument("--limit", type=int, default=100, help="at most this many (without --follow)")
     _admin_options(alerts)
     alerts.set_defaults(handler=_alerts)
+
+    evidence = commands.add_parser("evidence", help="export or import a client's watermark evidence")
+    evidence.add_argument("action", choices=["export", "import"])
+    evidence.add_argument("file", nargs="?", help="the evidence file to import")
+    evidence.add_argument("--client", help="the client whose evidence to export")
+    evidence.add_argument("--model", help="the watermarked model (needed when several are)")
+    evidence.add_argument("-o", "--output", help="where to write the exported evidence file")
+    _admin_options(evidence)
+    evidence.set_defaults(handler=_evidence)
+
+    check = commands.add_parser("verify", help="test a suspect model against watermark evidence")
+    check.add_argument("--evidence", required=True, help="an evidence file (moat evidence export)")
+    check.add_argument("--suspect", help="the suspect as a TorchScript file")
+    check.add_argument("--suspect-endpoint", help="the suspect's Open Inference Protocol gRPC address HOST:PORT")
+    check.add_argument("--model", help="the suspect endpoint's model name")
+    check.add_argument("--api-key", help="API key for the suspect endpoint (sent as a bearer token)")
+    check.add_argument("--alpha", type=float, default=0.01, help="significance level for 'stolen' (default 0.01)")
+    check.add_argument("-o", "--output", help="also write the JSON result to this file")
+    check.set_defaults(handler=_verify)
 
     from evaluation.cli import configure as configure_evaluate  # light: torch is imported only when it runs
 

@@ -78,10 +78,12 @@ class ModelConfig:
     detectors: tuple[ComponentConfig, ...] = ()
     defenses: tuple[ComponentConfig, ...] = ()
     policy: PolicyConfig = PolicyConfig()
+    # Runs after the defenses; its evidence is durable before the answer leaves.
+    watermark: ComponentConfig | None = None
 
     @property
     def protected(self) -> bool:
-        return bool(self.detectors or self.defenses)
+        return bool(self.detectors or self.defenses or self.watermark)
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,9 @@ class TierConfig:
     """What a tier of keys changes for every protected model.
 
     ``detectors``/``defenses`` map a component name to parameter overrides, or to ``False`` to
-    switch that component off for the tier; ``policy`` overrides policy fields; a ``trusted`` tier
-    (an allow-list for internal callers) skips detection, defenses and escalation altogether.
+    switch that component off for the tier; ``policy`` overrides policy fields; ``watermark: false``
+    switches the models' watermarks off for the tier; a ``trusted`` tier (an allow-list for
+    internal callers) skips detection, defenses, watermarks and escalation altogether.
     """
 
     name: str
@@ -98,6 +101,7 @@ class TierConfig:
     detectors: Mapping[str, Mapping[str, Any] | bool] = field(default_factory=dict)
     defenses: Mapping[str, Mapping[str, Any] | bool] = field(default_factory=dict)
     policy: Mapping[str, Any] = field(default_factory=dict)
+    watermark: bool = True
 
 
 DEFAULT_TIER = "standard"
@@ -218,7 +222,7 @@ def _models(data: Any) -> tuple[ModelConfig, ...]:
     models: list[ModelConfig] = []
     for index, entry in enumerate(data):
         fields = _Fields(entry, f"models[{index}]", {
-            "name", "kind", "backend", "max_batch_size", "detectors", "defenses", "policy"})
+            "name", "kind", "backend", "max_batch_size", "detectors", "defenses", "policy", "watermark"})
         name = fields.get("name", str)
         if not name or "/" in name:
             raise ConfigError(fields.name("name"), f"must be a non-empty name without '/', got {name!r}")
@@ -235,8 +239,15 @@ def _models(data: Any) -> tuple[ModelConfig, ...]:
             name=name, kind=kind, backend=backend, max_batch_size=max_batch,
             detectors=_components(fields, "detectors"), defenses=_components(fields, "defenses"),
             policy=_policy(fields.data.get("policy"), fields.name("policy")),
+            watermark=_watermark(fields),
         ))
     return tuple(models)
+
+
+def _watermark(fields: _Fields) -> ComponentConfig | None:
+    """``watermark: {name, params}``, or None when absent or null."""
+    data = fields.data.get("watermark")
+    return None if data is None else _component(data, fields.name("watermark"))
 
 
 def _components(fields: _Fields, key: str) -> tuple[ComponentConfig, ...]:
@@ -312,13 +323,13 @@ def _tiers(data: Any) -> tuple[TierConfig, ...]:
         raise ConfigError("tiers", "must be a mapping of tier name to its settings")
     tiers = [] if DEFAULT_TIER in entries else [TierConfig(DEFAULT_TIER)]
     for name, settings in entries.items():
-        fields = _Fields(settings or {}, f"tiers.{name}", {"trusted", "detectors", "defenses", "policy"})
+        fields = _Fields(settings or {}, f"tiers.{name}", {"trusted", "detectors", "defenses", "policy", "watermark"})
         policy = fields.get("policy", Mapping, {}) or {}
         _policy(policy, fields.name("policy"))  # the overrides alone must be valid
         tiers.append(TierConfig(
             name=str(name), trusted=fields.get("trusted", bool, False),
             detectors=_overrides(fields, "detectors"), defenses=_overrides(fields, "defenses"),
-            policy=dict(policy),
+            policy=dict(policy), watermark=fields.get("watermark", bool, True),
         ))
     return tuple(tiers)
 
@@ -331,7 +342,7 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Gatew
         "keys_file", "server_secret_file", "server_secret_env"}), base_dir)
     models = _models(fields.get("models", list))
     if any(model.protected for model in models) and not (auth.server_secret_file or auth.server_secret_env):
-        raise ConfigError("auth.server_secret_file", "is required when a model has detectors or defenses")
+        raise ConfigError("auth.server_secret_file", "is required when a model has detectors, defenses or a watermark")
     state = fields.data.get("state")
     return GatewayConfig(
         server=_server(fields.data.get("server"), base_dir),

@@ -92,6 +92,19 @@ class GatewayMetrics:
             "moat_coverage_percent", "B4B coverage of the requesting client, observed per request.",
             ["model"], buckets=(1, 2, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100), registry=registry,
         )
+        self.watermarked_answers = Counter(
+            "moat_watermarked_answers", "Answers that carried the model's watermark.", ["model"],
+            registry=registry,
+        )
+        self.evidence_records = Counter(
+            "moat_evidence_records", "Watermark evidence records written to the state store.", ["model"],
+            registry=registry,
+        )
+        self.evidence_bound_reached = Counter(
+            "moat_evidence_bound_reached",
+            "Clients whose evidence reached max_evidence (older records are dropped from then on).", ["model"],
+            registry=registry,
+        )
         self.suspicion = Histogram(
             "moat_suspicion", "Combined suspicion of the requesting client, observed per request.",
             ["model"], buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0), registry=registry,

@@ -12,6 +12,8 @@ it (PERMISSION_DENIED until an operator unblocks or resets it).
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from defenses.base import Defense, DefenseContext, create_defense
+from defenses.watermark import Watermark, create_watermark
 from detectors.base import Detector, QueryBatch, Verdict, create_detector
 from gateway.alerts import AlertSink
 from gateway.auth import Client
@@ -31,9 +34,10 @@ from gateway.metrics import GatewayMetrics
 from gateway.params import ConfigError, ParamError
 from gateway.secrets import derive_key, derive_seed
 from gateway.state import StateStore
-from gateway.state.base import client_key, client_prefix
+from gateway.state.base import client_key, client_prefix, evidence_stream
 
 STATUSES = ("ok", "flagged", "throttled", "blocked")
+log = logging.getLogger("moat.watermark")
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class TierComponents:
     detectors: Mapping[str, Detector]
     defenses: tuple[Defense, ...]
     policy: PolicyConfig
+    watermark: Watermark | None = None
 
 
 def _component_params(base: Mapping[str, Any], tier: TierConfig, kind: str, name: str) -> Mapping[str, Any] | None:
@@ -120,7 +125,19 @@ def build_tier(config: ModelConfig, tier: TierConfig, where: str, store: StateSt
                 lambda c=c, params=params: create_defense(
                     c.name, params, kind=config.kind,  # type: ignore[arg-type]
                     secret=derive_key(secret, "defense", config.name, c.name))))
-    return TierComponents(trusted=False, detectors=detectors, defenses=tuple(defenses), policy=policy)
+    return TierComponents(trusted=False, detectors=detectors, defenses=tuple(defenses), policy=policy,
+                          watermark=build_watermark(config, tier, where, secret))
+
+
+def build_watermark(config: ModelConfig, tier: TierConfig, where: str, secret: bytes) -> Watermark | None:
+    """The model's watermark for ``tier`` (None if it has none or the tier switches it off)."""
+    c = config.watermark
+    if c is None or not tier.watermark:
+        return None
+    # Its own purpose string: the watermark key never equals a defense's or a detector's.
+    return _built(lambda param: f"{where}.watermark.params.{param}", f"{where}.watermark.name",
+                  lambda: create_watermark(c.name, c.params, kind=config.kind,  # type: ignore[arg-type]
+                                           secret=derive_key(secret, "watermark", config.name, c.name)))
 
 
 class ModelProtection:
@@ -184,7 +201,42 @@ class ModelProtection:
                                                      action="modified").inc()
             outputs = changed
         self._observe_stage("defend", started)
+        if components.watermark is not None:
+            outputs = self._watermark(client, components.watermark, outputs, context)
         return Outcome(outputs=outputs, verdicts=verdicts, suspicion=suspicion, status=status)
+
+    def _watermark(self, client: str, watermark: Watermark, outputs: np.ndarray, context: DefenseContext) -> np.ndarray:
+        """Watermark the answer and write its evidence; the records are durable before we return,
+        so before the answer leaves (a crash after this loses no evidence of a sent answer)."""
+        started = self._clock()
+        marked = watermark.mark(outputs, context)
+        model = self.config.name
+        stream = evidence_stream(model, client)
+        for record in marked.records:
+            record_id = self._store.append_record(stream, record, max_records=watermark.max_evidence)
+            if record_id == watermark.max_evidence + 1:  # once per client: the first record past the bound
+                log.warning(json.dumps({"event": "evidence_bound_reached", "client": client, "model": model,
+                                        "max_evidence": watermark.max_evidence}))
+                self._metrics.evidence_bound_reached.labels(model=model).inc()
+        if marked.records:
+            self._metrics.watermarked_answers.labels(model=model).inc(len(marked.records))
+            self._metrics.evidence_records.labels(model=model).inc(len(marked.records))
+        self._observe_stage("watermark", started)
+        return marked.outputs
+
+    def evidence(self, client: str, after_id: int = 0, limit: int = 1000) -> list[tuple[int, dict[str, Any]]]:
+        """``client``'s evidence records on this model with id > ``after_id``, oldest first."""
+        return self._store.read_records(evidence_stream(self.config.name, client), after_id, limit)
+
+    def import_evidence(self, client: str, records: list[dict[str, Any]]) -> int:
+        """Append imported evidence records for ``client``; returns how many were stored."""
+        watermark = next((t.watermark for t in self.tiers.values() if t.watermark is not None), None)
+        bound = watermark.max_evidence if watermark is not None else None
+        stream = evidence_stream(self.config.name, client)
+        for record in records:
+            # The file's ids were the exporting store's; this store numbers the records anew.
+            self._store.append_record(stream, {k: v for k, v in record.items() if k != "id"}, max_records=bound)
+        return len(records)
 
     def _decide(self, previous: Mapping[str, float | str], suspicion: float,
                 verdicts: Mapping[str, Verdict], policy: PolicyConfig) -> str:

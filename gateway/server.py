@@ -159,7 +159,7 @@ class Gateway:
             interceptors=[StatusInterceptor()], options=_server_options(server.max_message_bytes)
         )
         admin_pb2_grpc.add_MoatAdminServicer_to_server(
-            AdminServicer(self.plane, self.keys, self.alerts), self._admin)
+            AdminServicer(self.plane, self.keys, self.alerts, secret=self._secret), self._admin)
         reflection.enable_server_reflection([admin.SERVICE_NAME, reflection.SERVICE_NAME], self._admin)
         grpc_port = _bind(self._public, server.host, server.grpc_port, server.tls)
         admin_port = _bind(self._admin, server.host, server.admin_port, server.tls)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/admin.proto\x12\rmoat.admin.v1\"\x16\n\x14GetServerInfoRequest\"l\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x11\n\tdetectors\x18\x05 \x03(\t\x12\x10\n\x08\x64\x65\x66\x65nses\x18\x06 \x03(\t\"j\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.moat.admin.v1.ModelInfo\"\x14\n\x12ListClientsRequest\"\xd6\x01\n\x10\x43lientModelState\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07queries\x18\x02 \x01(\x04\x12\x10\n\x08\x63overage\x18\x03 \x01(\x01\x12\x11\n\tsuspicion\x18\x04 \x01(\x01\x12\x0e\n\x06status\x18\x05 \x01(\t\x12=\n\x07\x66igures\x18\x06 \x03(\x0b\x32,.moat.admin.v1.ClientModelState.FiguresEntry\x1a.\n\x0c\x46iguresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x83\x01\n\rClientSummary\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12/\n\x06models\x18\x05 \x03(\x0b\x32\x1f.moat.admin.v1.ClientModelState\"D\n\x13ListClientsResponse\x12-\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x1c.moat.admin.v1.ClientSummary\"1\n\rClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\'\n\x14\x43lientActionResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\r\"4\n\x11ListAlertsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\"\xdb\x01\n\x05\x41lert\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x10\n\x08time_iso\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08\x64\x65tector\x18\x06 \x01(\t\x12\x32\n\x07\x66igures\x18\x07 \x03(\x0b\x32!.moat.admin.v1.Alert.FiguresEntry\x12\x0e\n\x06\x61\x63tion\x18\x08 \x01(\t\x1a.\n\x0c\x46iguresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\":\n\x12ListAlertsResponse\x12$\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x14.moat.admin.v1.Alert2\xd7\x04\n\tMoatAdmin\x12\\\n\rGetServerInfo\x12#.moat.admin.v1.GetServerInfoRequest\x1a$.moat.admin.v1.GetServerInfoResponse\"\x00\x12V\n\x0bListClients\x12!.moat.admin.v1.ListClientsRequest\x1a\".moat.admin.v1.ListClientsResponse\"\x00\x12I\n\tGetClient\x12\x1c.moat.admin.v1.ClientRequest\x1a\x1c.moat.admin.v1.ClientSummary\"\x00\x12S\n\nListAlerts\x12 .moat.admin.v1.ListAlertsRequest\x1a!.moat.admin.v1.ListAlertsResponse\"\x00\x12J\n\x0cStreamAlerts\x12 .moat.admin.v1.ListAlertsRequest\x1a\x14.moat.admin.v1.Alert\"\x00\x30\x01\x12T\n\rUnblockClient\x12\x1c.moat.admin.v1.ClientRequest\x1a#.moat.admin.v1.ClientActionResponse\"\x00\x12R\n\x0bResetClient\x12\x1c.moat.admin.v1.ClientRequest\x1a#.moat.admin.v1.ClientActionResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/admin.proto\x12\rmoat.admin.v1\"\x16\n\x14GetServerInfoRequest\"\x7f\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x11\n\tdetectors\x18\x05 \x03(\t\x12\x10\n\x08\x64\x65\x66\x65nses\x18\x06 \x03(\t\x12\x11\n\twatermark\x18\x07 \x01(\t\"j\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12(\n\x06models\x18\x03 \x03(\x0b\x32\x18.moat.admin.v1.ModelInfo\"\x14\n\x12ListClientsRequest\"\xd6\x01\n\x10\x43lientModelState\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07queries\x18\x02 \x01(\x04\x12\x10\n\x08\x63overage\x18\x03 \x01(\x01\x12\x11\n\tsuspicion\x18\x04 \x01(\x01\x12\x0e\n\x06status\x18\x05 \x01(\t\x12=\n\x07\x66igures\x18\x06 \x03(\x0b\x32,.moat.admin.v1.ClientModelState.FiguresEntry\x1a.\n\x0c\x46iguresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x83\x01\n\rClientSummary\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12/\n\x06models\x18\x05 \x03(\x0b\x32\x1f.moat.admin.v1.ClientModelState\"D\n\x13ListClientsResponse\x12-\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x1c.moat.admin.v1.ClientSummary\"1\n\rClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\'\n\x14\x43lientActionResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\r\"4\n\x11ListAlertsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\"\xdb\x01\n\x05\x41lert\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x10\n\x08time_iso\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08\x64\x65tector\x18\x06 \x01(\t\x12\x32\n\x07\x66igures\x18\x07 \x03(\x0b\x32!.moat.admin.v1.Alert.FiguresEntry\x12\x0e\n\x06\x61\x63tion\x18\x08 \x01(\t\x1a.\n\x0c\x46iguresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\":\n\x12ListAlertsResponse\x12$\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x14.moat.admin.v1.Alert\"3\n\x0f\x45videnceRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x1d\n\rEvidenceChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"K\n\x16ImportEvidenceResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07records\x18\x03 \x01(\r2\x86\x06\n\tMoatAdmin\x12\\\n\rGetServerInfo\x12#.moat.admin.v1.GetServerInfoRequest\x1a$.moat.admin.v1.GetServerInfoResponse\"\x00\x12V\n\x0bListClients\x12!.moat.admin.v1.ListClientsRequest\x1a\".moat.admin.v1.ListClientsResponse\"\x00\x12I\n\tGetClient\x12\x1c.moat.admin.v1.ClientRequest\x1a\x1c.moat.admin.v1.ClientSummary\"\x00\x12S\n\nListAlerts\x12 .moat.admin.v1.ListAlertsRequest\x1a!.moat.admin.v1.ListAlertsResponse\"\x00\x12J\n\x0cStreamAlerts\x12 .moat.admin.v1.ListAlertsRequest\x1a\x14.moat.admin.v1.Alert\"\x00\x30\x01\x12T\n\rUnblockClient\x12\x1c.moat.admin.v1.ClientRequest\x1a#.moat.admin.v1.ClientActionResponse\"\x00\x12R\n\x0bResetClient\x12\x1c.moat.admin.v1.ClientRequest\x1a#.moat.admin.v1.ClientActionResponse\"\x00\x12R\n\x0e\x45xportEvidence\x12\x1e.moat.admin.v1.EvidenceRequest\x1a\x1c.moat.admin.v1.EvidenceChunk\"\x00\x30\x01\x12Y\n\x0eImportEvidence\x12\x1c.moat.admin.v1.EvidenceChunk\x1a%.moat.admin.v1.ImportEvidenceResponse\"\x00(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,31 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSERVERINFOREQUEST']._serialized_start=37
   _globals['_GETSERVERINFOREQUEST']._serialized_end=59
   _globals['_MODELINFO']._serialized_start=61
-  _globals['_MODELINFO']._serialized_end=169
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=171
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=277
-  _globals['_LISTCLIENTSREQUEST']._serialized_start=279
-  _globals['_LISTCLIENTSREQUEST']._serialized_end=299
-  _globals['_CLIENTMODELSTATE']._serialized_start=302
-  _globals['_CLIENTMODELSTATE']._serialized_end=516
-  _globals['_CLIENTMODELSTATE_FIGURESENTRY']._serialized_start=470
-  _globals['_CLIENTMODELSTATE_FIGURESENTRY']._serialized_end=516
-  _globals['_CLIENTSUMMARY']._serialized_start=519
-  _globals['_CLIENTSUMMARY']._serialized_end=650
-  _globals['_LISTCLIENTSRESPONSE']._serialized_start=652
-  _globals['_LISTCLIENTSRESPONSE']._serialized_end=720
-  _globals['_CLIENTREQUEST']._serialized_start=722
-  _globals['_CLIENTREQUEST']._serialized_end=771
-  _globals['_CLIENTACTIONRESPONSE']._serialized_start=773
-  _globals['_CLIENTACTIONRESPONSE']._serialized_end=812
-  _globals['_LISTALERTSREQUEST']._serialized_start=814
-  _globals['_LISTALERTSREQUEST']._serialized_end=866
-  _globals['_ALERT']._serialized_start=869
-  _globals['_ALERT']._serialized_end=1088
-  _globals['_ALERT_FIGURESENTRY']._serialized_start=470
-  _globals['_ALERT_FIGURESENTRY']._serialized_end=516
-  _globals['_LISTALERTSRESPONSE']._serialized_start=1090
-  _globals['_LISTALERTSRESPONSE']._serialized_end=1148
-  _globals['_MOATADMIN']._serialized_start=1151
-  _globals['_MOATADMIN']._serialized_end=1750
+  _globals['_MODELINFO']._serialized_end=188
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=190
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=296
+  _globals['_LISTCLIENTSREQUEST']._serialized_start=298
+  _globals['_LISTCLIENTSREQUEST']._serialized_end=318
+  _globals['_CLIENTMODELSTATE']._serialized_start=321
+  _globals['_CLIENTMODELSTATE']._serialized_end=535
+  _globals['_CLIENTMODELSTATE_FIGURESENTRY']._serialized_start=489
+  _globals['_CLIENTMODELSTATE_FIGURESENTRY']._serialized_end=535
+  _globals['_CLIENTSUMMARY']._serialized_start=538
+  _globals['_CLIENTSUMMARY']._serialized_end=669
+  _globals['_LISTCLIENTSRESPONSE']._serialized_start=671
+  _globals['_LISTCLIENTSRESPONSE']._serialized_end=739
+  _globals['_CLIENTREQUEST']._serialized_start=741
+  _globals['_CLIENTREQUEST']._serialized_end=790
+  _globals['_CLIENTACTIONRESPONSE']._serialized_start=792
+  _globals['_CLIENTACTIONRESPONSE']._serialized_end=831
+  _globals['_LISTALERTSREQUEST']._serialized_start=833
+  _globals['_LISTALERTSREQUEST']._serialized_end=885
+  _globals['_ALERT']._serialized_start=888
+  _globals['_ALERT']._serialized_end=1107
+  _globals['_ALERT_FIGURESENTRY']._serialized_start=489
+  _globals['_ALERT_FIGURESENTRY']._serialized_end=535
+  _globals['_LISTALERTSRESPONSE']._serialized_start=1109
+  _globals['_LISTALERTSRESPONSE']._serialized_end=1167
+  _globals['_EVIDENCEREQUEST']._serialized_start=1169
+  _globals['_EVIDENCEREQUEST']._serialized_end=1220
+  _globals['_EVIDENCECHUNK']._serialized_start=1222
+  _globals['_EVIDENCECHUNK']._serialized_end=1251
+  _globals['_IMPORTEVIDENCERESPONSE']._serialized_start=1253
+  _globals['_IMPORTEVIDENCERESPONSE']._serialized_end=1328
+  _globals['_MOATADMIN']._serialized_start=1331
+  _globals['_MOATADMIN']._serialized_end=2105
 # @@protoc_insertion_point(module_scope)

@@ -11,20 +11,22 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "backend", "ready", "detectors", "defenses")
+    __slots__ = ("name", "kind", "backend", "ready", "detectors", "defenses", "watermark")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     DETECTORS_FIELD_NUMBER: _ClassVar[int]
     DEFENSES_FIELD_NUMBER: _ClassVar[int]
+    WATERMARK_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     backend: str
     ready: bool
     detectors: _containers.RepeatedScalarFieldContainer[str]
     defenses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., backend: _Optional[str] = ..., ready: _Optional[bool] = ..., detectors: _Optional[_Iterable[str]] = ..., defenses: _Optional[_Iterable[str]] = ...) -> None: ...
+    watermark: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., backend: _Optional[str] = ..., ready: _Optional[bool] = ..., detectors: _Optional[_Iterable[str]] = ..., defenses: _Optional[_Iterable[str]] = ..., watermark: _Optional[str] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "uptime_seconds", "models")
@@ -137,3 +139,27 @@ class ListAlertsResponse(_message.Message):
     ALERTS_FIELD_NUMBER: _ClassVar[int]
     alerts: _containers.RepeatedCompositeFieldContainer[Alert]
     def __init__(self, alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...
+
+class EvidenceRequest(_message.Message):
+    __slots__ = ("client_id", "model")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    model: str
+    def __init__(self, client_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class EvidenceChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class ImportEvidenceResponse(_message.Message):
+    __slots__ = ("client_id", "model", "records")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    model: str
+    records: int
+    def __init__(self, client_id: _Optional[str] = ..., model: _Optional[str] = ..., records: _Optional[int] = ...) -> None: ...

@@ -69,6 +69,16 @@ class MoatAdminStub:
                 request_serializer=protos_dot_admin__pb2.ClientRequest.SerializeToString,
                 response_deserializer=protos_dot_admin__pb2.ClientActionResponse.FromString,
                 _registered_method=True)
+        self.ExportEvidence = channel.unary_stream(
+                '/moat.admin.v1.MoatAdmin/ExportEvidence',
+                request_serializer=protos_dot_admin__pb2.EvidenceRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.EvidenceChunk.FromString,
+                _registered_method=True)
+        self.ImportEvidence = channel.stream_unary(
+                '/moat.admin.v1.MoatAdmin/ImportEvidence',
+                request_serializer=protos_dot_admin__pb2.EvidenceChunk.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.ImportEvidenceResponse.FromString,
+                _registered_method=True)
 
 
 class MoatAdminServicer:
@@ -123,6 +133,22 @@ class MoatAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportEvidence(self, request, context):
+        """One client's watermark evidence on one model as an evidence file (moat-evidence/1, see
+        gateway/evidence.py), in chunks. NOT_FOUND for an unknown client or a model without watermark.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportEvidence(self, request_iterator, context):
+        """Store the records of an evidence file (sent in chunks) under its client and model. A file
+        whose checksum or signature does not match is refused with INVALID_ARGUMENT naming the problem.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MoatAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +186,16 @@ def add_MoatAdminServicer_to_server(servicer, server):
                     servicer.ResetClient,
                     request_deserializer=protos_dot_admin__pb2.ClientRequest.FromString,
                     response_serializer=protos_dot_admin__pb2.ClientActionResponse.SerializeToString,
+            ),
+            'ExportEvidence': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportEvidence,
+                    request_deserializer=protos_dot_admin__pb2.EvidenceRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.EvidenceChunk.SerializeToString,
+            ),
+            'ImportEvidence': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportEvidence,
+                    request_deserializer=protos_dot_admin__pb2.EvidenceChunk.FromString,
+                    response_serializer=protos_dot_admin__pb2.ImportEvidenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +387,60 @@ class MoatAdmin:
             '/moat.admin.v1.MoatAdmin/ResetClient',
             protos_dot_admin__pb2.ClientRequest.SerializeToString,
             protos_dot_admin__pb2.ClientActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moat.admin.v1.MoatAdmin/ExportEvidence',
+            protos_dot_admin__pb2.EvidenceRequest.SerializeToString,
+            protos_dot_admin__pb2.EvidenceChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportEvidence(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/moat.admin.v1.MoatAdmin/ImportEvidence',
+            protos_dot_admin__pb2.EvidenceChunk.SerializeToString,
+            protos_dot_admin__pb2.ImportEvidenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

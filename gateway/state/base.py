@@ -33,6 +33,12 @@ def client_key(kind: str, model: str, client: str, *parts: str) -> str:
     return "/".join((model, client, kind, *parts))
 
 
+def evidence_stream(model: str, client: str) -> str:
+    """The stream of ``client``'s watermark evidence on ``model``. It starts with ``/``, which no
+    model name does, so resetting a client keeps its evidence: proof of theft outlives a reset."""
+    return f"/evidence/{model}/{client}"
+
+
 def client_prefix(model: str, client: str) -> str:
     """The prefix of every key of ``client`` on ``model`` (for reset)."""
     return f"{model}/{client}/"
