@@ -93,11 +93,37 @@ def _client_rows(clients: list[dict]) -> list[dict]:
     return rows
 
 
+#: ``moat clients top --by``: the sort keys, most suspicious first (ties broken by the next figures).
+TOP_ORDER = {"suspicion": ("suspicion", "coverage", "queries"), "coverage": ("coverage", "suspicion", "queries"),
+             "queries": ("queries", "suspicion", "coverage")}
+
+
+def top_clients(clients: list[dict], by: str = "suspicion", limit: int = 10, model: str | None = None) -> list[dict]:
+    """The ``limit`` client-model states with the highest ``by`` (see ``TOP_ORDER``), one row each with
+    numeric ``queries``, ``coverage`` (percent) and ``suspicion``; only ``model``'s states when given."""
+    rows = [{"client": c["client_id"], "tier": c["tier"], "model": s["model"], "queries": int(s.get("queries", 0)),
+             "coverage": float(s.get("coverage", 0.0)), "suspicion": float(s.get("suspicion", 0.0)),
+             "status": s.get("status", "ok")}
+            for c in clients for s in c.get("models") or [] if not model or s["model"] == model]
+    rows.sort(key=lambda row: tuple(row[k] for k in TOP_ORDER[by]), reverse=True)
+    return rows[:limit]
+
+
+def _top(args: argparse.Namespace, client: Any) -> None:
+    rows = top_clients(client.list_clients()["clients"], args.by, args.limit, args.model)
+    if args.json:
+        print(json.dumps({"by": args.by, "clients": rows}, indent=2))
+        return
+    print(_table([{**r, "coverage": f"{r['coverage']:.1f}%", "suspicion": f"{r['suspicion']:.2f}"} for r in rows]))
+
+
 def _clients(args: argparse.Namespace) -> int:
     def run(client: Any) -> None:
         if args.action == "list":
             result = client.list_clients()
             _print(args, result, _client_rows(result["clients"]))
+        elif args.action == "top":
+            _top(args, client)
         elif args.action == "show":
             result = client.get_client(args.client_id)
             _print(args, result, _client_rows([result]))
@@ -105,7 +131,10 @@ def _clients(args: argparse.Namespace) -> int:
             method = client.unblock if args.action == "unblock" else client.reset
             _print(args, method(args.client_id, args.model or ""))
 
-    if args.action != "list" and not args.client_id:
+    if args.action == "top" and args.limit < 1:
+        print(f"moat: clients top --limit must be at least 1, got {args.limit}", file=sys.stderr)
+        return 2
+    if args.action not in ("list", "top") and not args.client_id:
         print(f"moat: clients {args.action} needs a client id", file=sys.stderr)
         return 2
     return _admin(args, run)
@@ -141,7 +170,10 @@ def _evidence(args: argparse.Namespace) -> int:
             with open(args.output, "wb") as handle:
                 handle.write(data)
             count = json.loads(data)["count"]
-            print(f"exported {count} evidence records of client {args.client} to {args.output}")
+            if args.json:
+                print(json.dumps({"client": args.client, "count": count, "file": args.output}))
+            else:
+                print(f"exported {count} evidence records of client {args.client} to {args.output}")
         else:
             print(json.dumps(client.import_evidence(args.file)))
 
@@ -227,9 +259,12 @@ def _parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=_info)
 
     clients = commands.add_parser("clients", help="clients, their coverage, suspicion and status")
-    clients.add_argument("action", nargs="?", default="list", choices=["list", "show", "reset", "unblock"])
+    clients.add_argument("action", nargs="?", default="list", choices=["list", "top", "show", "reset", "unblock"])
     clients.add_argument("client_id", nargs="?", help="the client, for show, reset and unblock")
-    clients.add_argument("--model", help="limit reset or unblock to one model")
+    clients.add_argument("--model", help="limit top, reset or unblock to one model")
+    clients.add_argument("--by", choices=sorted(TOP_ORDER), default="suspicion",
+                         help="top: rank by this figure (default: suspicion)")
+    clients.add_argument("-n", "--limit", type=int, default=10, help="top: how many rows (default 10)")
     _admin_options(clients)
     clients.set_defaults(handler=_clients)
 

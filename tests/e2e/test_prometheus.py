@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -153,6 +154,13 @@ def test_extraction_alert_fires_for_the_thief_only(stack: tuple[Proc, Prometheus
     bob = model_state(gateway, "bob", ENCODER)
     assert bob["coverage"] >= ALERT_COVERAGE and bob["status"] != "ok", bob
     assert model_state(gateway, "alice", ENCODER)["status"] == "ok"
+    # The on-call view: `moat clients top` ranks the thief first, in a table and as JSON.
+    top = _moat(gateway, "clients", "top", "--model", ENCODER, "--json")
+    rows = json.loads(top)["clients"]
+    assert [r["client"] for r in rows][:2] == ["bob", "alice"] and rows[0]["suspicion"] > rows[1]["suspicion"]
+    assert rows[0]["coverage"] == pytest.approx(bob["coverage"])
+    table = _moat(gateway, "clients", "top", "--by", "coverage", "-n", "1").splitlines()
+    assert table[0].split()[:3] == ["client", "tier", "model"] and table[1].split()[0] == "bob" and len(table) == 2
 
     result = wait_until(lambda: prom.query(_extraction_expr()), 20, "the extraction alert expression", interval=0.5)
     assert [(r["metric"]["model"], r["metric"]["detector"]) for r in result] == [(ENCODER, "coverage")]
@@ -161,6 +169,15 @@ def test_extraction_alert_fires_for_the_thief_only(stack: tuple[Proc, Prometheus
     assert not {name for name, _ in prom.firing()} & {"MoatGatewayDown", "MoatLatencySLO"}
     # A second failure, scrapes after the first, so the upstream-error rate is above zero.
     _call_dead_upstream(gateway)
+
+
+def _moat(gateway: Proc, *args: str) -> str:
+    """Run the `moat` admin CLI against ``gateway``; its stdout."""
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", *args, "--admin",
+                             f"127.0.0.1:{gateway.info['admin']}", "--token", "test-admin-token"],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def _call_dead_upstream(gateway: Proc) -> None:
