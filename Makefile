@@ -61,6 +61,7 @@ zoo: setup
 demo: setup
 	$(BIN)/python -m evaluation.zoo build fashion-classifier fashion-encoder
 	$(BIN)/python -m evaluation.demo
+	$(BIN)/moat evaluate --suite demo --out .cache/demo-report
 
 protos: $(VENV)/.installed
 	$(BIN)/python protos/generate.py

@@ -70,15 +70,17 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# moat evaluation: suite `{report['suite']}`", "",
              f"Seed {report.get('seed')}, {report.get('seconds', 0):.0f} s in all. Score = agreement with the victim "
              "(classifiers) or the stolen encoder's linear-probe downstream accuracy (encoders). "
-             "Gain remaining = (defended − chance) / (undefended − chance).", "",
+             "Gain remaining = (defended − chance) / (undefended − chance). Fidelity (encoders): R² of a "
+             "linear map from the copy's representation to the victim's on held-out images.", "",
              "## What a thief got", "",
-             "| model | attack | defense | queries | keys | victim | score | stolen acc. | gain remaining "
-             "| flagged after | blocked after | watermark p | s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | attack | defense | queries | keys | victim | score | stolen acc. | fidelity R² "
+             "| gain remaining | flagged after | blocked after | watermark p | s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["runs"]:
         victim = r["victim_accuracy"] if r["kind"] == "classifier" else r["victim_downstream_accuracy"]
         lines.append(f"| {r['model']} | {r['attack']} | {r['defense']} | {r['queries']} | {r['api_keys']} | "
                      f"{_fmt(victim, True)} | {_fmt(score(r), True)} | {_fmt(r['stolen_accuracy'], True)} | "
+                     f"{_fmt(r.get('embedding_fidelity'))} | "
                      f"{_fmt(r.get('gain_remaining'))} | {_fmt(r['flagged_after'])} | {_fmt(r['blocked_after'])} | "
                      f"{_fmt(r['watermark_p_value'])} | {r['seconds']:.0f} |")
     lines += ["", "## What honest users lost", "",

@@ -22,8 +22,8 @@ from evaluation.benign import run_benign
 from evaluation.client import KeyPool, VictimClient
 from evaluation.data import ImageDataset
 from evaluation.presets import ADMIN_TOKEN, api_key, gateway_config, preset_name, start_gateway
-from evaluation.scoring import (ClientMonitor, agreement, load_pool, load_reference, load_source, outputs,
-                                probe_accuracy, watermark_p_value)
+from evaluation.scoring import (ClientMonitor, agreement, fidelity, load_pool, load_reference, load_source,
+                                outputs, probe_accuracy, watermark_p_value)
 from evaluation.suite import AttackEntry, ModelEntry, Suite
 
 __all__ = ["Prepared", "Runner", "Target"]
@@ -118,7 +118,8 @@ class Runner:
             return {"agreement": agreement(out, p.eval_ref), "stolen_accuracy": acc,
                     "stolen_downstream_accuracy": None}
         return {"agreement": None, "stolen_accuracy": None,
-                "stolen_downstream_accuracy": self._downstream(p, surrogate)}
+                "stolen_downstream_accuracy": self._downstream(p, surrogate),
+                "embedding_fidelity": fidelity(outputs(surrogate, p.eval.images), p.eval_ref)}
 
     # ----------------------------------------------------------------------- one gateway
     def _victim(self, address: str, model: str, keys: Sequence[str]) -> VictimClient | KeyPool:

@@ -16,7 +16,7 @@ import torch
 from evaluation.attacks.thief import fit_images
 from evaluation.data import DATASETS, ImageDataset
 
-__all__ = ["ClientMonitor", "agreement", "load_reference", "load_source", "outputs", "probe_accuracy",
+__all__ = ["ClientMonitor", "agreement", "fidelity", "load_reference", "load_source", "outputs", "probe_accuracy",
            "watermark_p_value"]
 
 
@@ -77,6 +77,22 @@ def outputs(model: torch.nn.Module, x: np.ndarray, batch: int = 500) -> np.ndarr
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Fraction of rows where ``argmax(a) == argmax(b)`` (``[N, K]`` each)."""
     return float((a.argmax(1) == b.argmax(1)).mean())
+
+
+def fidelity(stolen: np.ndarray, victim: np.ndarray) -> float:
+    """How much of the victim's representation ``[N, D]`` a linear map of the copy's ``[N, D']`` explains:
+    R² on the second half of the rows of the least-squares affine map fitted on the first half
+    (1 = the same space up to a linear map; a linear probe on Fashion-MNIST cannot tell, since even a
+    random encoder probes at ~83%)."""
+    from threadpoolctl import threadpool_limits
+
+    half = len(stolen) // 2
+    a = np.hstack([stolen, np.ones((len(stolen), 1))]).astype(np.float64)
+    with threadpool_limits(limits=1, user_api="blas"):  # small problem; threaded BLAS spin-waits when busy
+        w, *_ = np.linalg.lstsq(a[:half], victim[:half].astype(np.float64), rcond=None)
+    err = ((a[half:] @ w - victim[half:]) ** 2).sum()
+    total = ((victim[half:] - victim[half:].mean(0)) ** 2).sum()
+    return float(1.0 - err / max(total, 1e-12))
 
 
 def probe_accuracy(train_feats: np.ndarray, train_y: np.ndarray, test_feats: np.ndarray, test_y: np.ndarray,

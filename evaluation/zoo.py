@@ -334,7 +334,7 @@ def build_public_backbone(seed: int, progress: bool) -> BuildResult:
 
 
 #: Fine-tuning budget shared by the backbone-initialised and the from-scratch victims (same size, same steps).
-VICTIM_EPOCHS, VICTIM_LR, VICTIM_TRUNK_LR_SCALE = 2, 3e-3, 0.3
+VICTIM_EPOCHS, VICTIM_LR, VICTIM_TRUNK_LR_SCALE = 2, 3e-3, 0.1
 
 
 def _build_encoder_classifier(seed: int, progress: bool, pretrained: bool) -> BuildResult:
@@ -373,7 +373,7 @@ def build_fashion_scratch(seed: int, progress: bool) -> BuildResult:
 
 register(ZooSpec("public-backbone", 1, "encoder", (1, 28, 28), 128, build_public_backbone,
                  description="SimCLR CNN encoder on scikit-image photo crops + sklearn digits (no Fashion-MNIST)"))
-register(ZooSpec("fashion-finetuned", 1, "classifier", (1, 28, 28), 10, build_fashion_finetuned,
+register(ZooSpec("fashion-finetuned", 2, "classifier", (1, 28, 28), 10, build_fashion_finetuned,
                  description="Fashion-MNIST classifier fine-tuned from public-backbone, softmax output"))
 register(ZooSpec("fashion-scratch", 1, "classifier", (1, 28, 28), 10, build_fashion_scratch,
                  description="fashion-finetuned's architecture and budget trained from scratch"))

@@ -205,9 +205,14 @@ def linear_probe_accuracy(train_feats: np.ndarray, train_y: np.ndarray, test_fea
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from threadpoolctl import threadpool_limits
+
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=1.0, random_state=seed))
-    clf.fit(train_feats, train_y)
-    return float(clf.score(test_feats, test_y))
+    # One BLAS thread: the problem is small (thousands x hundreds), and on a busy 2-core machine
+    # multi-threaded BLAS spin-waits: 4.6 s instead of 0.06 s for 3000 x 128 features.
+    with threadpool_limits(limits=1, user_api="blas"):
+        clf.fit(train_feats, train_y)
+        return float(clf.score(test_feats, test_y))
 
 
 class EncoderClassifier(nn.Module):

@@ -8,6 +8,7 @@ to pick the epoch whose copy agrees best with the victim. It reaches the victim 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evaluation.attacks.base import ATTACKS, AttackContext, AttackResult, read_params
-from evaluation.attacks.thief import fit_images, query_all, snapshot
+from evaluation.attacks.thief import fit_images, query_all
 from evaluation.zoo_models import fit_logits
 
 __all__ = ["FMSteal", "BackboneThief", "load_backbone"]
@@ -103,7 +104,7 @@ class FMSteal:
     name, kind = "fm-steal", "classifier"
     DEFAULTS: dict[str, Any] = {"backbone": "public-backbone", "checkpoint": "", "input_size": 0,
                                 "val_fraction": 0.1, "stages": 2, "epochs": 6, "lr": 2e-3, "batch": 64,
-                                "optimizer": "adamw", "trunk_lr_scale": 0.5, "flip": True, "chunk": 500,
+                                "optimizer": "adamw", "trunk_lr_scale": 1.0, "flip": True, "chunk": 500,
                                 "device": "auto"}
 
     def __init__(self, params: Mapping[str, Any], *, seed: int) -> None:
@@ -169,7 +170,7 @@ class FMSteal:
                 labels.append(qy.argmax(1).astype(np.int64))  # hard labels only
             if xs:
                 self._fit(model, np.concatenate(xs), np.concatenate(labels), stage, ctx.progress)
-            curve.append((used, snapshot(model).cpu()))
+            curve.append((used, _snapshot(model)))
             if refused:
                 break
         return AttackResult(surrogate=model.cpu().eval(), queries=used, refused_after=refused_at, curve=curve)
@@ -202,6 +203,13 @@ class FMSteal:
         if best["state"] is not None:
             model.load_state_dict(best["state"])
         self.val_agreement = best["agreement"] if n_val else None
+
+
+def _snapshot(model: nn.Module) -> nn.Module:
+    """A frozen CPU copy in eval mode. Copied under no_grad: a deep copy of a TorchScript backbone made with
+    grad enabled has non-leaf parameters."""
+    with torch.no_grad():
+        return copy.deepcopy(model).cpu().eval()
 
 
 def _stage_sizes(total: int, stages: int) -> list[int]:

@@ -7,14 +7,31 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+
+from evaluation.data import load_fashion_mnist
+from evaluation.zoo_models import FashionEncoder
 
 from evaluation.endpoint import launch_gateway
 from gateway.auth import hash_key
 
 API_KEY = "thief-test-key"
 OTHER_KEY = "not-a-known-key"
+
+
+def calibrated_encoder(dim: int, seed: int = 0) -> FashionEncoder:
+    """A random FashionEncoder whose BatchNorm statistics are set on 2000 Fashion-MNIST test images, so that
+    its representations float32 ``[B, dim]`` have unit variance per dimension like a trained encoder's."""
+    torch.manual_seed(seed)
+    model = FashionEncoder(dim=dim)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average over the calibration pass
+    with torch.no_grad():
+        model.train()(torch.from_numpy(np.array(load_fashion_mnist("test").images[:2000])))
+    return model.eval()
 
 
 @contextmanager

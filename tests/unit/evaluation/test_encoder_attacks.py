@@ -14,7 +14,7 @@ from evaluation.attacks.thief import ThiefCNN
 from evaluation.client import VictimClient
 from evaluation.data import ImageDataset, load_fashion_mnist
 from evaluation.zoo_models import FashionEncoder, embed
-from tests.unit.evaluation.gateway_models import API_KEY, OTHER_KEY, serve
+from tests.unit.evaluation.gateway_models import API_KEY, OTHER_KEY, calibrated_encoder, serve
 
 ENCODER_ATTACKS = ("direct", "stolen-encoder", "cont-steal")
 
@@ -80,19 +80,6 @@ def test_stolen_encoder_loss_rewards_matching_views() -> None:
     assert float(attack.batch_loss(Constant(), x, -target, gen)) == pytest.approx(3.0, abs=1e-5)
 
 
-def victim_encoder() -> FashionEncoder:
-    """A random FashionEncoder (32-d) whose BatchNorm statistics are set on Fashion-MNIST, so that its
-    representations have unit variance per dimension like a trained encoder's."""
-    torch.manual_seed(0)
-    model = FashionEncoder(dim=32)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None  # cumulative average over the calibration pass
-    with torch.no_grad():
-        model.train()(torch.from_numpy(np.array(load_fashion_mnist("test").images[:2000])))
-    return model.eval()
-
-
 def _ctx(url: str, key: str, budget: int) -> AttackContext:
     test = load_fashion_mnist("test")
     pool = ImageDataset(images=np.ascontiguousarray(test.images[:2000]), labels=None, classes=())
@@ -111,7 +98,7 @@ def _r2(victim: torch.nn.Module, copy: torch.nn.Module, x: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, FashionEncoder]]:
-    victim = victim_encoder()
+    victim = calibrated_encoder(32)
     with serve(tmp_path_factory.mktemp("encoder-gateway"), {"victim-encoder": (victim, "encoder", 32)}) as url:
         yield url, victim
 

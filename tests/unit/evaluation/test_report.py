@@ -68,5 +68,5 @@ def test_write_report_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     for name in data["plots"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "report.md").read_text()
-    assert "| m | knockoff | default | 1000 | 1 | 90.0% | 50.0% | 50.0% | 0.500 | 400 |" in md
+    assert "| m | knockoff | default | 1000 | 1 | 90.0% | 50.0% | 50.0% | – | 0.500 | 400 |" in md
     assert "| m | shoes | classes [5, 7] | default | 100 | 95.5% | 96.0% | -0.5 | no |" in md
