@@ -44,8 +44,9 @@ $(KSERVE_VENV)/.installed:
 
 # Two pytest runs: moat's generated `inference` protos and tritonclient's both register
 # `inference.*` in protobuf's global descriptor pool, so they cannot share one process.
-# tests/unit and tests/integration drive the gateway with moat's own stubs; tests/e2e treats it
-# as a black box through the stock tritonclient.
+# tests/unit and tests/integration drive the gateway with moat's own stubs; tests/evaluation (the
+# attack suite, whose thieves are tritonclient clients) and tests/e2e treat it as a black box
+# through the stock tritonclient.
 test: setup
 	$(MAKE) test-unit test-e2e
 
@@ -53,7 +54,7 @@ test-unit:
 	$(BIN)/python -m pytest tests/unit tests/integration -q
 
 test-e2e:
-	$(BIN)/python -m pytest tests/e2e -q
+	$(BIN)/python -m pytest tests/evaluation tests/e2e -q
 
 zoo: setup
 	$(BIN)/python -m evaluation.zoo build fashion-classifier fashion-encoder

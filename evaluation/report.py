@@ -8,7 +8,8 @@ applicable), ``flagged_after``, ``blocked_after``, ``watermark_p_value``, ``seco
 ``defense``, ``task``, ``utility``, ``utility_undefended``, ``flagged``).
 
 Gain remaining = (defended − chance) / (undefended − chance), where the score is agreement for
-classifiers and stolen downstream accuracy for encoders, and chance is the majority-class rate.
+classifiers and stolen downstream accuracy for encoders, and chance is the majority-class rate; null
+when the undefended score is less than ``MIN_GAIN`` above chance.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ RUN_FIELDS = ("model", "kind", "attack", "defense", "queries", "api_keys", "vict
               "stolen_accuracy", "victim_downstream_accuracy", "stolen_downstream_accuracy", "flagged_after",
               "blocked_after", "watermark_p_value", "seconds")
 BENIGN_FIELDS = ("model", "defense", "task", "utility", "utility_undefended", "flagged")
+#: An attack that got less than this above chance without moat has no gain to speak of: the ratio
+#: would only amplify noise (the quick suite's copycat: 12.4% agreement, chance ~11%), so it is null.
+MIN_GAIN = 0.05
 
 
 def score(run: Mapping[str, Any]) -> float | None:
@@ -45,7 +49,7 @@ def finalize(report: dict[str, Any]) -> dict[str, Any]:
         run["gain_remaining"] = None
         if base is not None and run["defense"] != "none":
             s, b, chance = score(run), score(base), run.get("chance", 0.0)
-            if s is not None and b is not None and b - chance > 1e-9:
+            if s is not None and b is not None and b - chance >= MIN_GAIN:
                 run["gain_remaining"] = round((s - chance) / (b - chance), 4)
     honest = {(b["model"], b.get("user", b["task"])): b for b in report["benign"] if b["defense"] == "none"}
     for user in report["benign"]:

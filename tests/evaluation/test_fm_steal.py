@@ -15,7 +15,7 @@ from evaluation.attacks.fm_steal import BackboneThief, load_backbone
 from evaluation.client import VictimClient
 from evaluation.data import ImageDataset, load_fashion_mnist
 from evaluation.zoo_models import EncoderClassifier, embed
-from tests.unit.evaluation.gateway_models import API_KEY, OTHER_KEY, calibrated_encoder, serve
+from tests.evaluation.gateway_models import API_KEY, OTHER_KEY, calibrated_encoder, serve
 
 
 def test_registered_with_defaults() -> None:

@@ -51,6 +51,14 @@ def test_encoder_gain_uses_downstream_accuracy() -> None:
     assert report["runs"][1]["gain_remaining"] == pytest.approx((0.45 - 0.1) / (0.8 - 0.1))
 
 
+def test_no_gain_remaining_when_the_undefended_attack_barely_beat_chance() -> None:
+    rows = [run("copycat", d, a) for d, a in (("none", 0.124), ("default", 0.186))]
+    for r in rows:
+        r["chance"] = 0.11
+    report = finalize({"suite": "t", "runs": rows, "benign": []})
+    assert report["runs"][1]["gain_remaining"] is None  # 1.4 points above chance: a ratio would be noise
+
+
 def test_a_run_missing_a_required_field_is_refused() -> None:
     data = sample()
     del data["runs"][0]["watermark_p_value"]
