@@ -17,6 +17,31 @@ The suspect is a TorchScript file or an Open Inference Protocol endpoint (spoken
 - p-value = P[Bin(n, p₀) ≥ m] (``scipy.stats.binomtest``, alternative "greater"); the verdict is
   ``stolen`` when p < α (default 0.01), else ``not-proven``.
 
+For an encoder (the ``direction`` watermark) each record holds the keyed unit vector uᵢ that the
+answer to xᵢ was turned towards and the answer cᵢ it would have had (``clean``); the test needs no
+chance rate estimated from null models:
+
+- cosᵢ = cos(ẑᵢ − ĉᵢ, uᵢ) with zᵢ = suspect(xᵢ) [D] (D = len(uᵢ)) and ^ the unit vector (a zero
+  difference counts 0): how the suspect's answer departs from the clean one, seen along uᵢ. A
+  copy's answer is mostly the clean one, which is only noise here (⟨ĉᵢ, uᵢ⟩ ~ ±1/√D); taking it
+  away first is what makes a copy's lean measurable (measured on a 6-epoch MSE copy of the demo
+  encoder: p ≈ 1e-13 with the difference, ≈ 0.09 with the plain cos(zᵢ, uᵢ));
+- under H0 the suspect is independent of the watermark key, and so is cᵢ (the answer before the
+  watermark), so given them the uᵢ are independent and uniform on the sphere, and cosᵢ is
+  distributed as the first coordinate of a uniform point: (cosᵢ + 1)/2 ~ Beta((D−1)/2, (D−1)/2),
+  mean 0, variance 1/D. A symmetric Beta is sub-Gaussian with variance proxy equal to its
+  variance, 1/(4(α+β+1)) (Marchal & Arbel, "On the sub-Gaussianity of the Beta and Dirichlet
+  distributions", 2017), so cosᵢ is sub-Gaussian with proxy 1/D and S = Σ cosᵢ with proxy n/D;
+- p-value = exp(−D S² / (2n)) when S > 0, else 1 (the Chernoff bound on P[S ≥ s] under H0: exact
+  tail probabilities are smaller, so the test is conservative). ``matches`` counts cosᵢ > 0 (each
+  has probability p₀ = 0.5 under H0), ``mean_cos`` is S/n and ``answer_cos`` the mean plain
+  cos(zᵢ, uᵢ), for reading;
+- records with the same uᵢ (one query code: repeats and near-duplicates of one query) are one
+  observation, the mean of their cosines: their cosines are dependent, and a mean of variables
+  sub-Gaussian with proxy 1/D is sub-Gaussian with proxy 1/D whatever their dependence (Jensen),
+  while distinct codes have independent uᵢ. So n counts distinct directions, and repeating a query
+  cannot inflate the evidence.
+
 A suspect that fails, or answers with the wrong shape or non-finite values, raises ``VerifyError``:
 no verdict is given on answers that cannot be read.
 """
@@ -145,6 +170,63 @@ def verify_classifier(evidence: EvidenceFile, suspect: Suspect, alpha: float = D
                    test="one-sided binomial: P[Bin(n, p0) >= matches]")
 
 
+def _vectors(records: Sequence[Mapping[str, Any]], name: str) -> np.ndarray:
+    """The records' field ``name``: lists of one length D >= 2 of finite numbers -> float64 [n, D]."""
+    dims = {len(r[name]) if isinstance(r[name], list) else -1 for r in records}
+    if len(dims) != 1 or min(dims) < 2:
+        raise VerifyError(f"evidence field {name!r} must hold lists of one length D >= 2, got lengths {sorted(dims)}")
+    try:
+        v = np.array([r[name] for r in records], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise VerifyError(f"evidence field {name!r} must hold numbers only") from None
+    if not np.all(np.isfinite(v)):
+        raise VerifyError(f"evidence field {name!r} holds NaN or infinite values")
+    return v
+
+
+def _unit_rows(v: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    return np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
+
+
+def _cosines(v: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """cos(v_i, u_i) float64 [n] for unit u; 0 where v_i = 0 (no direction: no evidence either way)."""
+    return np.sum(_unit_rows(v) * u, axis=1)
+
+
+def _directions(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """The records' unit vectors float64 [n, D], renormalised (they are stored to 7 digits)."""
+    u = _vectors(records, "direction")
+    norms = np.linalg.norm(u, axis=1, keepdims=True)
+    if not np.allclose(norms, 1.0, atol=1e-4):
+        raise VerifyError("evidence field 'direction' must hold unit vectors")
+    return u / norms
+
+
+def verify_encoder(evidence: EvidenceFile, suspect: Suspect, alpha: float = DEFAULT_ALPHA) -> dict[str, Any]:
+    """Replay direction evidence to ``suspect`` (answers float32 [n, D]) and run the sub-Gaussian
+    test on the summed cosines with the recorded directions (see the module docstring)."""
+    queries, records = _records(evidence, ("direction", "clean"))
+    u, clean = _directions(records), _vectors(records, "clean")
+    if clean.shape != u.shape:
+        raise VerifyError(f"evidence clean answers have shape {list(clean.shape)}, directions {list(u.shape)}")
+    answers = suspect_answers(suspect, queries).astype(np.float64)
+    dim = u.shape[1]
+    if answers.shape[1] != dim:
+        raise VerifyError(f"malformed suspect answer: embeddings of dimension {answers.shape[1]}, but the "
+                          f"evidence directions have dimension {dim}")
+    # Records of one query code share u: their mean cosine is one observation (see the docstring).
+    _, group, sizes = np.unique(u, axis=0, return_inverse=True, return_counts=True)
+    group = group.reshape(-1)
+    cos = np.bincount(group, _cosines(_unit_rows(answers) - _unit_rows(clean), u)) / sizes
+    n, total = len(sizes), float(cos.sum())
+    p_value = float(np.exp(-dim * total**2 / (2 * n))) if total > 0 else 1.0
+    return _result(evidence, alpha, n=n, records=len(records), matches=int((cos > 0).sum()), p0=0.5,
+                   p_value=p_value, mean_cos=total / n, answer_cos=float(np.mean(_cosines(answers, u))), dim=dim,
+                   test="sub-Gaussian bound on S = sum of cos(unit(suspect(x_i)) - unit(clean_i), u_i): "
+                        "exp(-D S^2 / (2 n)) if S > 0")
+
+
 def _result(evidence: EvidenceFile, alpha: float, **figures: Any) -> dict[str, Any]:
     verdict = "stolen" if figures["p_value"] < alpha else "not-proven"
     return {"model": evidence.model, "client": evidence.client, "watermark": evidence.watermark.get("name"),
@@ -158,6 +240,8 @@ def verify(evidence: EvidenceFile, suspect: Suspect, alpha: float = DEFAULT_ALPH
     name = evidence.watermark.get("name")
     if name == "dawn":
         return verify_classifier(evidence, suspect, alpha)
+    if name == "direction":
+        return verify_encoder(evidence, suspect, alpha)
     raise VerifyError(f"no verification for watermark {name!r}")
 
 
