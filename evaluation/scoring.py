@@ -152,9 +152,9 @@ class ClientMonitor:
 def watermark_p_value(admin: Any, model: str, client_ids: Sequence[str], surrogate: torch.nn.Module,
                       kind: str) -> dict[str, Any] | None:
     """Export the evidence of ``client_ids`` on ``model``, pool their records, and run
-    :func:`gateway.verify.verify` against ``surrogate`` (softmax of its logits). None when the model has
-    no watermark, the kind has no verification, or no evidence was recorded."""
-    if admin is None or kind != "classifier":
+    :func:`gateway.verify.verify` against ``surrogate`` (the softmax of its logits for a classifier, its
+    representation for an encoder). None when the model has no watermark, or no evidence was recorded."""
+    if admin is None:
         return None
     from gateway.evidence import load_evidence
     from gateway.verify import VerifyError, verify
@@ -171,7 +171,8 @@ def watermark_p_value(admin: Any, model: str, client_ids: Sequence[str], surroga
     evidence = dataclasses.replace(files[0], records=records)
 
     def suspect(x: np.ndarray) -> np.ndarray:
-        return torch.softmax(torch.from_numpy(outputs(surrogate, x)), dim=1).numpy()
+        out = outputs(surrogate, x)
+        return torch.softmax(torch.from_numpy(out), dim=1).numpy() if kind == "classifier" else out
 
     t0 = time.perf_counter()
     try:

@@ -21,9 +21,10 @@ ENCODER = "fashion-encoder"
 
 
 def _detection_only(data: dict) -> None:
-    """Coverage without defenses, so answers are the clean embeddings the detector hashed."""
+    """Coverage without defenses or watermark, so answers are the clean embeddings the detector hashed."""
     model = data["models"][0]
     model["defenses"] = []
+    model.pop("watermark", None)
     model["detectors"] = [{"name": "coverage", "params": {"tables": 20, "bits": 12, "alert_coverage": 3}}]
 
 

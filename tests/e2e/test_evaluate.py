@@ -113,6 +113,10 @@ def test_toy_suite_every_attack_both_kinds_undefended_and_defended(tmp_path: Pat
     assert direct["agreement"] is None and direct["stolen_downstream_accuracy"] > 0.5
     assert direct["victim_downstream_accuracy"] > 0.7
     assert runs[("fashion-encoder", "sybil(direct)", "default")]["api_keys"] == 2
+    # The encoder's direction watermark is verified against the copies too (~0.5% of 1,300 queries marked).
+    encoder_p = [r["watermark_p_value"] for r in report["runs"] if r["model"] == "fashion-encoder"
+                 and r["defense"] == "default" and r["watermark_p_value"] is not None]
+    assert encoder_p and all(0 <= p <= 1 for p in encoder_p)
     assert runs[("fashion-classifier", "jbda", "default")]["flagged_after"] is not None  # PRADA sees JBDA
     users = {(b["model"], b["defense"]): b for b in report["benign"]}
     assert len(users) == 4

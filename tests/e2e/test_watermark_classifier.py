@@ -37,6 +37,17 @@ def _watermark_only(data: dict) -> None:
 def _train(x: np.ndarray, targets: np.ndarray, epochs: int, seed: int) -> torch.jit.ScriptModule:
     """A FashionCNN fitted to hard labels int64 [N] or soft labels float32 [N, 10] (no augmentation:
     a thief fits the answers it bought)."""
+    threads = torch.get_num_threads()
+    # One thread: on 2 cores shared with the gateway subprocess, torch's spinning worker threads made
+    # training 15-20x slower (measured: 40-50 s per epoch instead of 2.7 s).
+    torch.set_num_threads(1)
+    try:
+        return _fit(x, targets, epochs, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(x: np.ndarray, targets: np.ndarray, epochs: int, seed: int) -> torch.jit.ScriptModule:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model, xt, tt = FashionCNN(), torch.from_numpy(np.array(x)), torch.from_numpy(np.array(targets))
