@@ -73,7 +73,9 @@ def _built(where: Callable[[str], str], name_field: str, build: Callable[[], Any
     try:
         return build()
     except ParamError as error:
-        raise ConfigError(where(error.param), error.problem) from None
+        # ParamError("name") means the component itself does not fit (e.g. a classifier-only
+        # defense on an encoder): that is the component's name field, not one of its params.
+        raise ConfigError(name_field if error.param == "name" else where(error.param), error.problem) from None
     except KeyError as error:
         raise ConfigError(name_field, str(error.args[0])) from None
 

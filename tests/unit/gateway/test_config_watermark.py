@@ -91,4 +91,4 @@ def test_a_watermark_of_the_other_kind_is_refused() -> None:
         config = _parsed(lambda d, index=index, name=name: d["models"][index].update(watermark={"name": name}))
         with pytest.raises(ConfigError, match="does not apply to a") as caught:
             build_watermark(config.models[index], config.tier("standard"), f"models[{index}]", SECRET)
-        assert caught.value.field.startswith(f"models[{index}].watermark")
+        assert caught.value.field == f"models[{index}].watermark.name"
