@@ -12,32 +12,15 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from evaluation.endpoint import GatewayProcess, launch_gateway
+from evaluation.endpoint import GatewayProcess, free_port, launch_gateway, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll ``check`` until it returns a truthy value; ``TimeoutError`` naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-    return value
 
 
 def grpc_ready(address: str, timeout: float = 0.5) -> bool:

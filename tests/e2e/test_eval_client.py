@@ -5,7 +5,6 @@ keys; the sybil mapping step recovers one answer space from B4B's per-key transf
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest

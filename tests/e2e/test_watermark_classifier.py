@@ -20,7 +20,7 @@ from evaluation.data import load_fashion_mnist
 from evaluation.zoo import load_victim
 from evaluation.zoo_models import FashionCNN, embed
 from gateway.evidence import load_evidence
-from gateway.verify import torchscript_suspect, verify
+from gateway.verify import verify
 from tests.e2e.conftest import admin_client, protected_config, query
 from tests.servers.procs import REPO, start_gateway
 
