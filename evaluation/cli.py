@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     # SIGTERM unwinds like Ctrl-C, so the gateways this run started are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the gateway configs written there name their keys files by path
     out.mkdir(parents=True, exist_ok=True)
     target = None
     if args.target is not None:

@@ -94,7 +94,8 @@ def check_outputs(out: Path, attacks: set[tuple[str, str]], defenses: set[str]) 
 
 def test_toy_suite_every_attack_both_kinds_undefended_and_defended(tmp_path: Path) -> None:
     suite = toy_suite(tmp_path / "toy.yaml", tiny_backbone(tmp_path / "backbone.pt"))
-    result = evaluate("--suite", str(suite), "--out", str(tmp_path / "out"), "--threads", "2")
+    # --out relative to the working directory, as `make demo` passes it
+    result = evaluate("--suite", str(suite), "--out", os.path.relpath(tmp_path / "out", REPO), "--threads", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     classifier = {"knockoff", "fm-steal", "jbda", "copycat", "sybil(knockoff)", "averaging(knockoff)"}
     encoder = {"direct", "stolen-encoder", "cont-steal", "sybil(direct)"}
