@@ -4,8 +4,10 @@ The suspect is a TorchScript file or an Open Inference Protocol endpoint (spoken
 ``tritonclient``, so this module never imports moat's own inference protos). For a classifier
 (DAWN) the test is one-sided binomial:
 
-- n evidence queries, each recorded with its watermark label wᵢ (never the victim's argmax);
-- m = how many of them the suspect labels wᵢ;
+- n distinct evidence queries, each recorded with its watermark label wᵢ (never the victim's
+  argmax); records that share a coarse code and label (repeats and near-duplicates of one query,
+  which DAWN answered alike) are one query, so repeating a query cannot inflate the evidence;
+- m = how many of them the suspect labels wᵢ (for a group: on the majority of its records);
 - p₀ = the chance that a model which never saw the watermark answers wᵢ. A natural model answers
   wᵢ only when it errs toward that class, and the victim's own probability pᵢ = P_victim(wᵢ | xᵢ),
   recorded with each query, is our estimate of that error. The matches of an independent model
@@ -54,7 +56,8 @@ from typing import Any
 
 import numpy as np
 
-from defenses.watermark import decode_query
+from defenses.misinformation import query_codes
+from defenses.watermark import DEFAULT_LEVELS, decode_query
 from gateway.evidence import EvidenceFile
 
 P0_FACTOR = 2.0
@@ -163,11 +166,31 @@ def verify_classifier(evidence: EvidenceFile, suspect: Suspect, alpha: float = D
     if labels.max() >= answers.shape[1]:
         raise VerifyError(f"malformed suspect answer: {answers.shape[1]} classes, but the evidence has label "
                           f"{labels.max()}")
-    matches = int((answers.argmax(axis=1) == labels).sum())
-    p0 = chance_rate(np.array([float(r["p_clean"]) for r in records]))
-    p_value = float(binomtest(matches, len(labels), p0, alternative="greater").pvalue)
-    return _result(evidence, alpha, n=len(labels), matches=matches, p0=p0, p_value=p_value,
-                   test="one-sided binomial: P[Bin(n, p0) >= matches]")
+    # Records of one DAWN code (repeats and near-duplicates of one query) got the same label and are
+    # one observation: the suspect's majority answer on them. Counted per record, one query asked
+    # 30 times would be 30 "independent" matches for a model that merely errs on it.
+    group, sizes = _dawn_groups(evidence, queries, records)
+    hits = np.bincount(group, (answers.argmax(axis=1) == labels).astype(np.float64)) / sizes
+    matches = int((hits > 0.5).sum())
+    p0 = chance_rate(np.bincount(group, np.array([float(r["p_clean"]) for r in records])) / sizes)
+    p_value = float(binomtest(matches, len(sizes), p0, alternative="greater").pvalue)
+    return _result(evidence, alpha, n=len(sizes), matches=matches, p0=p0, p_value=p_value, records=len(records),
+                   test="one-sided binomial over distinct watermarked queries: P[Bin(n, p0) >= matches]")
+
+
+def _dawn_groups(evidence: EvidenceFile, queries: np.ndarray,
+                 records: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """The group int64 [n] of each record (its query's coarse code at the watermark's ``levels`` and its
+    label: what DAWN's keyed choice depends on) and the group sizes int64 [groups]."""
+    params = evidence.watermark.get("params") or {}
+    levels = int(params.get("levels", DEFAULT_LEVELS)) if isinstance(params, Mapping) else DEFAULT_LEVELS
+    try:
+        codes = query_codes(queries, levels)
+    except ValueError as error:
+        raise VerifyError(f"evidence queries cannot be coded: {error}") from None
+    keys = [code + b"/" + str(int(r["label"])).encode() for code, r in zip(codes, records, strict=True)]
+    _, group, sizes = np.unique(np.array(keys, dtype=object), return_inverse=True, return_counts=True)
+    return group.reshape(-1).astype(np.int64), sizes
 
 
 def _vectors(records: Sequence[Mapping[str, Any]], name: str) -> np.ndarray:

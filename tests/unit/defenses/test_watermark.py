@@ -105,6 +105,29 @@ def test_bad_params_name_the_field(params: dict, kind: str, field: str) -> None:
     assert caught.value.param == field
 
 
+def test_verify_classifier_counts_a_repeated_query_once(data) -> None:
+    """A suspect that answers the watermark label on one evidence query only: asking that query 30
+    more times adds records but no matches (records of one code and label are one observation)."""
+    x, p = data
+    marked = _mark(DAWN({"rate": 0.02}, kind="classifier", secret=KEY), x[:4000], p[:4000])
+    records = marked.records
+    first = records[0]
+    evidence = EvidenceFile(model="clf", kind="classifier", client="erin", watermark={"name": "dawn", "params": {}},
+                            records=tuple(records) + (first,) * 30)
+    target = decode_query(first["query"]).tobytes()
+
+    def suspect(q: np.ndarray) -> np.ndarray:  # the clean answers, but the mark on the first query
+        out = embed(load_victim("fashion-classifier"), q)
+        for i, row in enumerate(q):
+            if row.tobytes() == target:
+                out[i] = np.eye(out.shape[1])[first["label"]]
+        return out
+
+    result = verify(evidence, suspect)
+    assert result["records"] == len(records) + 30 and result["n"] <= len(records)
+    assert result["matches"] <= 2 and result["verdict"] == "not-proven", result
+
+
 # --- direction: the encoder watermark -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
