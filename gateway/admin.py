@@ -12,7 +12,7 @@ import grpc
 from gateway import __version__
 from gateway.alerts import AlertSink
 from gateway.auth import Client, KeyStore
-from gateway.errors import GatewayError, InvalidArgument, ModelNotFound
+from gateway.errors import InvalidArgument, ModelNotFound
 from gateway.evidence import EvidenceError, dump_evidence, load_evidence
 from gateway.secrets import derive_key
 from gateway.pipeline import DataPlane
@@ -123,10 +123,7 @@ class AdminServicer(pb_grpc.MoatAdminServicer):
         return pb.ListAlertsResponse(alerts=[_alert(i, r) for i, r in records])
 
     async def StreamAlerts(self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Alert]:
-        try:
-            self._keys.check_admin(context.invocation_metadata())
-        except GatewayError as error:  # the status interceptor only wraps unary calls
-            await context.abort(error.code, error.reason)
+        self._keys.check_admin(context.invocation_metadata())
         after = request.after_id
         while True:
             for record_id, record in await self._run(self._alerts.read, after, 1000):
@@ -162,32 +159,26 @@ class AdminServicer(pb_grpc.MoatAdminServicer):
         return self._evidence_key
 
     async def ExportEvidence(self, request: pb.EvidenceRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EvidenceChunk]:
-        try:  # the status interceptor only wraps unary calls
-            self._keys.check_admin(context.invocation_metadata())
-            client = self._client(request.client_id)
-            data = await self._run(self._export, client.id, self._watermarked(request.model))
-        except GatewayError as error:
-            await context.abort(error.code, error.reason)
+        self._keys.check_admin(context.invocation_metadata())
+        client = self._client(request.client_id)
+        data = await self._run(self._export, client.id, self._watermarked(request.model))
         for start in range(0, len(data), EVIDENCE_CHUNK_BYTES):
             yield pb.EvidenceChunk(data=data[start:start + EVIDENCE_CHUNK_BYTES])
 
     async def ImportEvidence(self, request_iterator: AsyncIterator[pb.EvidenceChunk],
                              context: grpc.aio.ServicerContext) -> pb.ImportEvidenceResponse:
+        self._keys.check_admin(context.invocation_metadata())
+        parts, size = [], 0
+        async for chunk in request_iterator:
+            size += len(chunk.data)
+            if size > MAX_EVIDENCE_FILE_BYTES:
+                raise InvalidArgument(f"evidence file larger than {MAX_EVIDENCE_FILE_BYTES} bytes")
+            parts.append(chunk.data)
         try:
-            self._keys.check_admin(context.invocation_metadata())
-            parts, size = [], 0
-            async for chunk in request_iterator:
-                size += len(chunk.data)
-                if size > MAX_EVIDENCE_FILE_BYTES:
-                    raise InvalidArgument(f"evidence file larger than {MAX_EVIDENCE_FILE_BYTES} bytes")
-                parts.append(chunk.data)
-            try:
-                evidence = load_evidence(b"".join(parts), self._key())
-            except EvidenceError as error:
-                raise InvalidArgument(str(error)) from None
-            client = self._client(evidence.client)
-            served = self._watermarked(evidence.model)
-            stored = await self._run(served.protection.import_evidence, client.id, list(evidence.records))
-        except GatewayError as error:
-            await context.abort(error.code, error.reason)
+            evidence = load_evidence(b"".join(parts), self._key())
+        except EvidenceError as error:
+            raise InvalidArgument(str(error)) from None
+        client = self._client(evidence.client)
+        served = self._watermarked(evidence.model)
+        stored = await self._run(served.protection.import_evidence, client.id, list(evidence.records))
         return pb.ImportEvidenceResponse(client_id=client.id, model=served.config.name, records=stored)

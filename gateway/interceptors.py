@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -21,7 +21,7 @@ _INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions of unary handlers to statuses and records ModelInfer metrics."""
+    """Maps exceptions of unary and streaming handlers to statuses and records ModelInfer metrics."""
 
     def __init__(self, metrics: GatewayMetrics | None = None) -> None:
         self._metrics = metrics
@@ -32,32 +32,45 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
+            return handler
+        codec = {"request_deserializer": handler.request_deserializer,
+                 "response_serializer": handler.response_serializer}
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(self._guarded_stream(handler.unary_stream), **codec)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(self._guarded(handler.stream_unary), **codec)
+        if handler.unary_unary is None:
             return handler
         behavior = self._guarded(handler.unary_unary)
         if self._metrics is not None and details.method == _INFER_METHOD:
             behavior = self._measured(behavior, self._metrics)
-        return grpc.unary_unary_rpc_method_handler(
-            behavior,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return grpc.unary_unary_rpc_method_handler(behavior, **codec)
 
     @staticmethod
     def _guarded(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Callable:
+        """A handler returning one response (its request may be a stream)."""
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 return await behavior(request, context)
-            except GatewayError as error:
-                failure = error
             except grpc.aio.AbortError:
                 raise
-            except Exception:  # noqa: BLE001 - the catch-all that keeps internals private
-                log.exception("unhandled error in %s", getattr(behavior, "__name__", "handler"))
-                failure = GatewayError("internal error")
-            if failure.trailers:
-                context.set_trailing_metadata(failure.trailers)
-            await context.abort(failure.code, failure.reason)
+            except Exception as error:  # noqa: BLE001 - mapped in _abort
+                await _abort(context, behavior, error)
+
+        return guarded
+
+    @staticmethod
+    def _guarded_stream(behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]) -> Callable:
+        """A handler streaming its responses: errors raised before or between them are mapped too."""
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:  # noqa: BLE001 - mapped in _abort
+                await _abort(context, behavior, error)
 
         return guarded
 
@@ -83,6 +96,17 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 metrics.request_size.labels(model=model).observe(request.ByteSize())
 
         return measured
+
+
+async def _abort(context: grpc.aio.ServicerContext, behavior: Callable, error: Exception) -> None:
+    """End the call with ``error``'s status; anything but a GatewayError is logged and becomes a
+    generic INTERNAL, so internals never reach a caller."""
+    if not isinstance(error, GatewayError):
+        log.exception("unhandled error in %s", getattr(behavior, "__name__", "handler"), exc_info=error)
+        error = GatewayError("internal error")
+    if error.trailers:
+        context.set_trailing_metadata(error.trailers)
+    await context.abort(error.code, error.reason)
 
 
 def _code_name(code: Any) -> str:

@@ -176,3 +176,18 @@ async def test_bad_tiers_fail_at_start_naming_the_field(
     with pytest.raises(ConfigError) as caught:
         await make_gateway([_escalating_model(tiny_torchscript)], tiers=tiers)
     assert field in str(caught.value), caught.value
+
+
+async def test_unexpected_errors_in_streams_become_internal_without_details(
+        make_gateway: GatewayFactory, tiny_torchscript: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gateway = await make_gateway([_escalating_model(tiny_torchscript)])
+
+    def explode(*_: object) -> None:
+        raise RuntimeError("secret store internals")
+
+    monkeypatch.setattr(gateway.alerts, "read", explode)
+    admin = admin_pb2_grpc.MoatAdminStub(grpc.aio.insecure_channel(f"127.0.0.1:{gateway.ports.admin}"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in admin.StreamAlerts(admin_pb2.ListAlertsRequest(), metadata=ADMIN):
+            pass
+    assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INTERNAL, "internal error")
