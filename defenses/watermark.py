@@ -44,7 +44,8 @@ from detectors.base import ModelKind
 from gateway.params import ParamError, check_keys, number
 from gateway.registry import Registry
 
-__all__ = ["DAWN", "Direction", "Marked", "Watermark", "WATERMARKS", "create_watermark", "decode_query", "encode_query"]
+__all__ = ["DAWN", "Direction", "Marked", "Watermark", "WATERMARKS", "create_watermark", "decode_query", "encode_query",
+           "unit_rows"]
 
 #: Grey levels of the selection code (7×7 pooled grid, see ``query_codes``), hashed with the
 #: victim's clean argmax. Measured on 20,000 Fashion-MNIST training images (the demo classifier's
@@ -130,6 +131,32 @@ def keyed_uniforms(key: bytes, purpose: bytes, codes: list[bytes]) -> np.ndarray
     return out
 
 
+def _selection_params(params: Mapping[str, Any]) -> tuple[float, int, int]:
+    """``rate``, ``levels`` and ``max_evidence``: the params every keyed-selection watermark reads."""
+    rate = float(number(params, "rate", DEFAULT_RATE, low=0.0, high=0.5, low_inclusive=False))
+    levels = int(number(params, "levels", DEFAULT_LEVELS, low=2, high=16, integer=True))
+    max_evidence = int(number(params, "max_evidence", DEFAULT_MAX_EVIDENCE, low=1, integer=True))
+    return rate, levels, max_evidence
+
+
+def _watermark_key(secret: bytes) -> bytes:
+    if not isinstance(secret, (bytes, bytearray)) or not secret:
+        raise ValueError("the watermark secret must be non-empty bytes")
+    return bytes(secret)
+
+
+def _checked_batch(outputs: np.ndarray, context: DefenseContext, expects: str) -> tuple[np.ndarray, np.ndarray]:
+    """The answers [B, K >= 2] and the queries [B, ...] of ``context``; ``ValueError`` naming ``expects``
+    otherwise."""
+    out = np.asarray(outputs)
+    if out.ndim != 2 or out.shape[1] < 2:
+        raise ValueError(f"{expects}, got shape {out.shape}")
+    inputs = np.asarray(context.batch.inputs)
+    if len(inputs) != len(out):
+        raise ValueError(f"batch has {len(inputs)} queries but {len(out)} answers")
+    return out, inputs
+
+
 @WATERMARKS.register("dawn")
 class DAWN:
     """DAWN: Dynamic Adversarial Watermarking of Neural Networks (Szyller, Atli, Marchal, Asokan,
@@ -161,15 +188,11 @@ class DAWN:
         check_keys(params, ("rate", "top_k", "levels", "max_evidence"))
         if kind != "classifier":
             raise ParamError("name", f"dawn changes class labels; it does not apply to a {kind}")
-        self.rate = float(number(params, "rate", DEFAULT_RATE, low=0.0, high=0.5, low_inclusive=False))
+        self.rate, self.levels, self.max_evidence = _selection_params(params)
         self.top_k = int(number(params, "top_k", 0, low=0, integer=True))
         if self.top_k == 1:
             raise ParamError("top_k", "must be 0 (all classes) or >= 2, got 1")
-        self.levels = int(number(params, "levels", DEFAULT_LEVELS, low=2, high=16, integer=True))
-        self.max_evidence = int(number(params, "max_evidence", DEFAULT_MAX_EVIDENCE, low=1, integer=True))
-        if not isinstance(secret, (bytes, bytearray)) or not secret:
-            raise ValueError("the watermark secret must be non-empty bytes")
-        self._key = bytes(secret)
+        self._key = _watermark_key(secret)
 
     def _codes(self, inputs: np.ndarray, top: np.ndarray) -> list[bytes]:
         return [code + int(t).to_bytes(4, "big") for code, t in zip(query_codes(inputs, self.levels), top, strict=True)]
@@ -192,12 +215,7 @@ class DAWN:
 
     def mark(self, outputs: np.ndarray, context: DefenseContext) -> Marked:
         """Swap the argmax and the keyed label on selected rows: float32 [B, K] -> float32 [B, K]."""
-        p = np.asarray(outputs)
-        if p.ndim != 2 or p.shape[1] < 2:
-            raise ValueError(f"dawn expects probabilities [B, K] with K >= 2, got shape {p.shape}")
-        inputs = np.asarray(context.batch.inputs)
-        if len(inputs) != len(p):
-            raise ValueError(f"batch has {len(inputs)} queries but {len(p)} answers")
+        p, inputs = _checked_batch(outputs, context, "dawn expects probabilities [B, K] with K >= 2")
         # Selection reads the clean answer, so earlier defenses (which may be per client) do not
         # change which queries carry the watermark.
         clean = np.asarray(context.batch.outputs, dtype=np.float64)
@@ -226,7 +244,7 @@ def keyed_direction(key: bytes, code: bytes, dim: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
+def unit_rows(v: np.ndarray) -> np.ndarray:
     """Rows of float64 [B, D] scaled to norm 1 (zero rows stay zero)."""
     norms = np.linalg.norm(v, axis=1, keepdims=True)
     return np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
@@ -279,13 +297,9 @@ class Direction:
         check_keys(params, ("rate", "levels", "strength", "max_evidence"))
         if kind != "encoder":
             raise ParamError("name", f"direction turns embeddings; it does not apply to a {kind} (use dawn)")
-        self.rate = float(number(params, "rate", DEFAULT_RATE, low=0.0, high=0.5, low_inclusive=False))
-        self.levels = int(number(params, "levels", DEFAULT_LEVELS, low=2, high=16, integer=True))
+        self.rate, self.levels, self.max_evidence = _selection_params(params)
         self.strength = float(number(params, "strength", DEFAULT_STRENGTH, low=0.0, low_inclusive=False))
-        self.max_evidence = int(number(params, "max_evidence", DEFAULT_MAX_EVIDENCE, low=1, integer=True))
-        if not isinstance(secret, (bytes, bytearray)) or not secret:
-            raise ValueError("the watermark secret must be non-empty bytes")
-        self._key = bytes(secret)
+        self._key = _watermark_key(secret)
 
     def selected(self, inputs: np.ndarray) -> np.ndarray:
         """bool [B]: which queries ``inputs`` [B, ...] are watermarked."""
@@ -298,12 +312,7 @@ class Direction:
 
     def mark(self, outputs: np.ndarray, context: DefenseContext) -> Marked:
         """Turn the selected rows towards their keyed directions: float32 [B, D] -> float32 [B, D]."""
-        e = np.asarray(outputs)
-        if e.ndim != 2 or e.shape[1] < 2:
-            raise ValueError(f"direction expects embeddings [B, D] with D >= 2, got shape {e.shape}")
-        inputs = np.asarray(context.batch.inputs)
-        if len(inputs) != len(e):
-            raise ValueError(f"batch has {len(inputs)} queries but {len(e)} answers")
+        e, inputs = _checked_batch(outputs, context, "direction expects embeddings [B, D] with D >= 2")
         rows = np.nonzero(self.selected(inputs))[0]
         out = e.astype(np.float32, copy=True)
         if not len(rows):
@@ -311,10 +320,10 @@ class Direction:
         before = e[rows].astype(np.float64)
         u = self.directions(inputs[rows], e.shape[1])
         norms = np.linalg.norm(before, axis=1, keepdims=True)
-        out[rows] = (norms * _unit(_unit(before) + self.strength * u)).astype(np.float32)
+        out[rows] = (norms * unit_rows(unit_rows(before) + self.strength * u)).astype(np.float32)
         # "clean" is the answer this client would have had (after the defenses: a per-client
         # transform, say): the frame its copy learns in, so the test measures departures from it.
-        clean_cos = np.sum(_unit(before) * u, axis=1)
+        clean_cos = np.sum(unit_rows(before) * u, axis=1)
         now = time.time()
         records = tuple({
             "time": now, "query": encode_query(inputs[i]), "answer": [round(float(v), 7) for v in out[i]],

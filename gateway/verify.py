@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from defenses.misinformation import query_codes
-from defenses.watermark import DEFAULT_LEVELS, decode_query
+from defenses.watermark import DEFAULT_LEVELS, decode_query, unit_rows
 from gateway.evidence import EvidenceFile
 
 P0_FACTOR = 2.0
@@ -169,28 +169,37 @@ def verify_classifier(evidence: EvidenceFile, suspect: Suspect, alpha: float = D
     # Records of one DAWN code (repeats and near-duplicates of one query) got the same label and are
     # one observation: the suspect's majority answer on them. Counted per record, one query asked
     # 30 times would be 30 "independent" matches for a model that merely errs on it.
-    group, sizes = _dawn_groups(evidence, queries, records)
-    hits = np.bincount(group, (answers.argmax(axis=1) == labels).astype(np.float64)) / sizes
-    matches = int((hits > 0.5).sum())
-    p0 = chance_rate(np.bincount(group, np.array([float(r["p_clean"]) for r in records])) / sizes)
-    p_value = float(binomtest(matches, len(sizes), p0, alternative="greater").pvalue)
-    return _result(evidence, alpha, n=len(sizes), matches=matches, p0=p0, p_value=p_value, records=len(records),
+    groups = _Groups(_dawn_codes(evidence, queries, records))
+    matches = int((groups.mean((answers.argmax(axis=1) == labels).astype(np.float64)) > 0.5).sum())
+    p0 = chance_rate(groups.mean(np.array([float(r["p_clean"]) for r in records])))
+    p_value = float(binomtest(matches, groups.count, p0, alternative="greater").pvalue)
+    return _result(evidence, alpha, n=groups.count, matches=matches, p0=p0, p_value=p_value, records=len(records),
                    test="one-sided binomial over distinct watermarked queries: P[Bin(n, p0) >= matches]")
 
 
-def _dawn_groups(evidence: EvidenceFile, queries: np.ndarray,
-                 records: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """The group int64 [n] of each record (its query's coarse code at the watermark's ``levels`` and its
-    label: what DAWN's keyed choice depends on) and the group sizes int64 [groups]."""
+class _Groups:
+    """Records grouped by a key (bytes): each group is one observation of the test."""
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        _, group, sizes = np.unique(np.array(keys, dtype=object), return_inverse=True, return_counts=True)
+        self._group, self._sizes = group.reshape(-1).astype(np.int64), sizes
+        self.count = len(sizes)
+
+    def mean(self, values: np.ndarray) -> np.ndarray:
+        """float64 [groups]: the mean of ``values`` float [n] over each group's records."""
+        return np.bincount(self._group, values, minlength=self.count) / self._sizes
+
+
+def _dawn_codes(evidence: EvidenceFile, queries: np.ndarray, records: Sequence[Mapping[str, Any]]) -> list[bytes]:
+    """Each record's query code at the watermark's ``levels`` and its label: what DAWN's keyed choice
+    depends on, so records sharing it (repeats, near-duplicates) are one query."""
     params = evidence.watermark.get("params") or {}
     levels = int(params.get("levels", DEFAULT_LEVELS)) if isinstance(params, Mapping) else DEFAULT_LEVELS
     try:
         codes = query_codes(queries, levels)
     except ValueError as error:
         raise VerifyError(f"evidence queries cannot be coded: {error}") from None
-    keys = [code + b"/" + str(int(r["label"])).encode() for code, r in zip(codes, records, strict=True)]
-    _, group, sizes = np.unique(np.array(keys, dtype=object), return_inverse=True, return_counts=True)
-    return group.reshape(-1).astype(np.int64), sizes
+    return [code + b"/" + str(int(r["label"])).encode() for code, r in zip(codes, records, strict=True)]
 
 
 def _vectors(records: Sequence[Mapping[str, Any]], name: str) -> np.ndarray:
@@ -207,14 +216,9 @@ def _vectors(records: Sequence[Mapping[str, Any]], name: str) -> np.ndarray:
     return v
 
 
-def _unit_rows(v: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(v, axis=1, keepdims=True)
-    return np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
-
-
 def _cosines(v: np.ndarray, u: np.ndarray) -> np.ndarray:
     """cos(v_i, u_i) float64 [n] for unit u; 0 where v_i = 0 (no direction: no evidence either way)."""
-    return np.sum(_unit_rows(v) * u, axis=1)
+    return np.sum(unit_rows(v) * u, axis=1)
 
 
 def _directions(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -239,10 +243,9 @@ def verify_encoder(evidence: EvidenceFile, suspect: Suspect, alpha: float = DEFA
         raise VerifyError(f"malformed suspect answer: embeddings of dimension {answers.shape[1]}, but the "
                           f"evidence directions have dimension {dim}")
     # Records of one query code share u: their mean cosine is one observation (see the docstring).
-    _, group, sizes = np.unique(u, axis=0, return_inverse=True, return_counts=True)
-    group = group.reshape(-1)
-    cos = np.bincount(group, _cosines(_unit_rows(answers) - _unit_rows(clean), u)) / sizes
-    n, total = len(sizes), float(cos.sum())
+    groups = _Groups([row.tobytes() for row in u])
+    cos = groups.mean(_cosines(unit_rows(answers) - unit_rows(clean), u))
+    n, total = groups.count, float(cos.sum())
     p_value = float(np.exp(-dim * total**2 / (2 * n))) if total > 0 else 1.0
     return _result(evidence, alpha, n=n, records=len(records), matches=int((cos > 0).sum()), p0=0.5,
                    p_value=p_value, mean_cos=total / n, answer_cos=float(np.mean(_cosines(answers, u))), dim=dim,
