@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,56 +20,23 @@ from evaluation.zoo_models import FashionCNN, embed
 from gateway.evidence import load_evidence
 from gateway.verify import verify
 from tests.e2e.conftest import admin_client, protected_config, query
-from tests.servers.procs import REPO, start_gateway
+from tests.e2e.copies import fit_copy, moat_cli, watermark_only
+from tests.servers.procs import start_gateway
 
 MODEL = "fashion-classifier"
 RATE = 0.005
 
 
-def _watermark_only(data: dict) -> None:
-    """Only the watermark, so the measured costs and matches are the watermark's own."""
-    model = data["models"][0]
-    model["detectors"], model["defenses"] = [], []
-
-
 def _train(x: np.ndarray, targets: np.ndarray, epochs: int, seed: int) -> torch.jit.ScriptModule:
-    """A FashionCNN fitted to hard labels int64 [N] or soft labels float32 [N, 10] (no augmentation:
-    a thief fits the answers it bought)."""
-    threads = torch.get_num_threads()
-    # One thread: on 2 cores shared with the gateway subprocess, torch's spinning worker threads made
-    # training 15-20x slower (measured: 40-50 s per epoch instead of 2.7 s).
-    torch.set_num_threads(1)
-    try:
-        return _fit(x, targets, epochs, seed)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _fit(x: np.ndarray, targets: np.ndarray, epochs: int, seed: int) -> torch.jit.ScriptModule:
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model, xt, tt = FashionCNN(), torch.from_numpy(np.array(x)), torch.from_numpy(np.array(targets))
-    steps = epochs * (len(xt) // 128)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.2)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(xt), generator=gen)
-        for start in range(0, len(xt) - 127, 128):
-            idx = order[start:start + 128]
-            loss = F.cross_entropy(model.logits(xt[idx]), tt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return torch.jit.script(model.eval())
+    """A FashionCNN fitted to hard labels int64 [N] or soft labels float32 [N, 10]."""
+    return fit_copy(FashionCNN, x, targets, lambda m, xb, tb: F.cross_entropy(m.logits(xb), tb), epochs, seed)
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("dawn")
     state = {"name": "sqlite", "params": {"path": str(tmp / "state.db")}}
-    config = protected_config(tmp / "dawn.yaml", state, models=[MODEL], edit=_watermark_only)
+    config = protected_config(tmp / "dawn.yaml", state, models=[MODEL], edit=watermark_only)
     proc = start_gateway(config, tmp)
     proc.info["config"], proc.info["tmp"] = config, tmp
     yield proc
@@ -95,16 +60,11 @@ def thieves(gateway, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tupl
     return out
 
 
-def _moat(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.mark.parametrize("client", ["erin", "frank"])
 def test_thief_copies_are_verified_stolen(thieves, client: str, tmp_path: Path) -> None:
     evidence, copy = thieves[client]
     result_file = tmp_path / "result.json"
-    run = _moat("verify", "--evidence", str(evidence), "--suspect", str(copy), "-o", str(result_file))
+    run = moat_cli("verify", "--evidence", str(evidence), "--suspect", str(copy), "-o", str(result_file))
     assert run.returncode == 0, run.stderr
     result = json.loads(result_file.read_text())
     print(f"{client}: {result}")
@@ -126,12 +86,12 @@ def test_independent_models_are_not_proven(thieves) -> None:
 
 def test_the_victim_behind_an_endpoint_carries_its_watermark(gateway, thieves) -> None:
     """Endpoint mode: the gateway itself as the suspect answers every evidence query with its mark."""
-    run = _moat("verify", "--evidence", str(thieves["erin"][0]), "--suspect-endpoint",
+    run = moat_cli("verify", "--evidence", str(thieves["erin"][0]), "--suspect-endpoint",
                 f"127.0.0.1:{gateway.info['grpc']}", "--model", MODEL, "--api-key", "alice-test-key")
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert result["matches"] == result["n"] and result["verdict"] == "stolen"
-    refused = _moat("verify", "--evidence", str(thieves["erin"][0]), "--suspect-endpoint",
+    refused = moat_cli("verify", "--evidence", str(thieves["erin"][0]), "--suspect-endpoint",
                     f"127.0.0.1:{gateway.info['grpc']}", "--model", MODEL, "--api-key", "wrong-key")
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr and "verdict" not in refused.stdout
 
@@ -143,13 +103,13 @@ def test_malformed_suspect_and_tampered_file_give_errors(thieves, tmp_path: Path
 
     broken = tmp_path / "broken.pt"
     torch.jit.script(Broken()).save(str(broken))
-    run = _moat("verify", "--evidence", str(thieves["erin"][0]), "--suspect", str(broken))
+    run = moat_cli("verify", "--evidence", str(thieves["erin"][0]), "--suspect", str(broken))
     assert run.returncode == 1 and "malformed suspect answer" in run.stderr, run.stderr
     document = json.loads(thieves["erin"][0].read_text())
     document["records"][0]["label"] = (document["records"][0]["label"] + 1) % 10
     tampered = tmp_path / "tampered.json"
     tampered.write_text(json.dumps(document))
-    run = _moat("verify", "--evidence", str(tampered), "--suspect", str(thieves["erin"][1]))
+    run = moat_cli("verify", "--evidence", str(tampered), "--suspect", str(thieves["erin"][1]))
     assert run.returncode == 1 and "checksum mismatch" in run.stderr
 
 

@@ -7,8 +7,6 @@ points."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,8 @@ from evaluation.zoo_models import FashionEncoder, embed, linear_probe_accuracy, 
 from gateway.evidence import load_evidence
 from gateway.verify import verify
 from tests.e2e.conftest import protected_config, query
-from tests.servers.procs import REPO, start_gateway
+from tests.e2e.copies import fit_copy, moat_cli, watermark_only
+from tests.servers.procs import start_gateway
 
 MODEL = "fashion-encoder"
 RATE = 0.005
@@ -32,38 +31,13 @@ RATE = 0.005
 EPOCHS = 10
 
 
-def _watermark_only(data: dict) -> None:
-    """Only the watermark, so the measured costs and cosines are the watermark's own."""
-    model = data["models"][0]
-    model["detectors"], model["defenses"] = [], []
-
-
 def _train(x: np.ndarray, targets: np.ndarray, loss: str, epochs: int, seed: int) -> torch.jit.ScriptModule:
-    """A FashionEncoder fitted to the answers float32 [N, 128] with MSE or cosine loss (no
-    augmentation: a thief fits the answers it bought)."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model, xt, tt = FashionEncoder(), torch.from_numpy(np.array(x)), torch.from_numpy(np.array(targets))
-    steps = epochs * (len(xt) // 128)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.2)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(xt), generator=gen)
-        for start in range(0, len(xt) - 127, 128):
-            idx = order[start:start + 128]
-            z = model(xt[idx])
-            fit = F.mse_loss(z, tt[idx]) if loss == "mse" else 1 - F.cosine_similarity(z, tt[idx]).mean()
-            opt.zero_grad(set_to_none=True)
-            fit.backward()
-            opt.step()
-            sched.step()
-    return torch.jit.script(model.eval())
+    """A FashionEncoder fitted to the answers float32 [N, 128] with MSE or cosine loss."""
+    def fit(m: torch.nn.Module, xb: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+        z = m(xb)
+        return F.mse_loss(z, tb) if loss == "mse" else 1 - F.cosine_similarity(z, tb).mean()
 
-
-def _moat(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return fit_copy(FashionEncoder, x, targets, fit, epochs, seed)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -82,7 +56,7 @@ def one_thread():
 def gateway(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("direction")
     state = {"name": "sqlite", "params": {"path": str(tmp / "state.db")}}
-    config = protected_config(tmp / "direction.yaml", state, models=[MODEL], edit=_watermark_only)
+    config = protected_config(tmp / "direction.yaml", state, models=[MODEL], edit=watermark_only)
     proc = start_gateway(config, tmp)
     yield proc
     proc.stop()
@@ -103,7 +77,7 @@ def thieves(gateway, train_images, tmp_path_factory: pytest.TempPathFactory) -> 
         answers = query(gateway, MODEL, client, images, batch=500)
         copy, evidence = tmp / f"{client}.pt", tmp / f"{client}.json"
         _train(images, answers, loss, epochs=EPOCHS, seed=1).save(str(copy))
-        run = _moat("evidence", "export", "--client", client, "-o", str(evidence),
+        run = moat_cli("evidence", "export", "--client", client, "-o", str(evidence),
                     "--admin", f"127.0.0.1:{gateway.info['admin']}", "--token", "test-admin-token")
         assert run.returncode == 0, run.stderr
         out[client] = (evidence, copy)
@@ -114,7 +88,7 @@ def thieves(gateway, train_images, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_thief_copies_are_verified_stolen(thieves, client: str, tmp_path: Path) -> None:
     evidence, copy = thieves[client]
     result_file = tmp_path / "result.json"
-    run = _moat("verify", "--evidence", str(evidence), "--suspect", str(copy), "-o", str(result_file))
+    run = moat_cli("verify", "--evidence", str(evidence), "--suspect", str(copy), "-o", str(result_file))
     assert run.returncode == 0, run.stderr
     result = json.loads(result_file.read_text())
     print(f"{client}: {result}")
@@ -140,7 +114,7 @@ def test_independent_encoders_are_not_proven(thieves, train_images) -> None:
 
 def test_the_gateway_behind_an_endpoint_carries_its_watermark(gateway, thieves) -> None:
     """Endpoint mode: the gateway itself, as the suspect, answers every evidence query with its mark."""
-    run = _moat("verify", "--evidence", str(thieves["frank"][0]), "--suspect-endpoint",
+    run = moat_cli("verify", "--evidence", str(thieves["frank"][0]), "--suspect-endpoint",
                 f"127.0.0.1:{gateway.info['grpc']}", "--model", MODEL, "--api-key", "alice-test-key")
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
@@ -154,7 +128,7 @@ def test_a_suspect_of_another_dimension_gives_an_error(thieves, tmp_path: Path) 
 
     narrow = tmp_path / "narrow.pt"
     torch.jit.script(Narrow()).save(str(narrow))
-    run = _moat("verify", "--evidence", str(thieves["erin"][0]), "--suspect", str(narrow))
+    run = moat_cli("verify", "--evidence", str(thieves["erin"][0]), "--suspect", str(narrow))
     assert run.returncode == 1 and "dimension 64" in run.stderr and "dimension 128" in run.stderr, run.stderr
     assert "verdict" not in run.stdout
 
