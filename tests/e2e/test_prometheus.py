@@ -159,7 +159,9 @@ def test_extraction_alert_fires_for_the_thief_only(stack: tuple[Proc, Prometheus
     table = _moat(gateway, "clients", "top", "--by", "coverage", "-n", "1").splitlines()
     assert table[0].split()[:3] == ["client", "tier", "model"] and table[1].split()[0] == "bob" and len(table) == 2
 
-    result = wait_until(lambda: prom.query(_extraction_expr()), 20, "the extraction alert expression", interval=0.5)
+    # `or None`: an empty result means "not yet" (wait_until only keeps polling on None or False).
+    result = wait_until(lambda: prom.query(_extraction_expr()) or None, 20, "the extraction alert expression",
+                        interval=0.5)
     assert [(r["metric"]["model"], r["metric"]["detector"]) for r in result] == [(ENCODER, "coverage")]
     wait_until(lambda: ("MoatExtractionAlert", ENCODER) in prom.firing(), 20, "MoatExtractionAlert firing",
                interval=0.5)
