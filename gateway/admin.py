@@ -85,6 +85,7 @@ class AdminServicer(pb_grpc.MoatAdminServicer):
     async def ListClients(self, request: pb.ListClientsRequest, context: grpc.aio.ServicerContext) -> pb.ListClientsResponse:
         self._keys.check_admin(context.invocation_metadata())
         clients = self._keys.clients
+        await self._plane.settle()  # the detection of every answered request is counted
         summaries = await self._run(lambda: [self._summary(client) for client in clients])
         return pb.ListClientsResponse(clients=summaries)
 
@@ -96,7 +97,9 @@ class AdminServicer(pb_grpc.MoatAdminServicer):
 
     async def GetClient(self, request: pb.ClientRequest, context: grpc.aio.ServicerContext) -> pb.ClientSummary:
         self._keys.check_admin(context.invocation_metadata())
-        return await self._run(self._summary, self._client(request.client_id))
+        client = self._client(request.client_id)
+        await self._plane.settle()
+        return await self._run(self._summary, client)
 
     def _protections(self, model: str) -> list[Any]:
         if model:
@@ -107,18 +110,19 @@ class AdminServicer(pb_grpc.MoatAdminServicer):
         self._keys.check_admin(context.invocation_metadata())
         client = self._client(request.client_id)
         protections = self._protections(request.model)
-        changed = await self._run(lambda: sum(p.unblock(client.id) for p in protections))
+        changed = await self._plane.for_client(client.id, lambda: sum(p.unblock(client.id) for p in protections))
         return pb.ClientActionResponse(changed=changed)
 
     async def ResetClient(self, request: pb.ClientRequest, context: grpc.aio.ServicerContext) -> pb.ClientActionResponse:
         self._keys.check_admin(context.invocation_metadata())
         client = self._client(request.client_id)
         protections = self._protections(request.model)
-        changed = await self._run(lambda: sum(1 for p in protections if p.reset(client.id)))
+        changed = await self._plane.for_client(client.id, lambda: sum(1 for p in protections if p.reset(client.id)))
         return pb.ClientActionResponse(changed=changed)
 
     async def ListAlerts(self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext) -> pb.ListAlertsResponse:
         self._keys.check_admin(context.invocation_metadata())
+        await self._plane.settle()
         records = await self._run(self._alerts.read, request.after_id, request.limit or 100)
         return pb.ListAlertsResponse(alerts=[_alert(i, r) for i, r in records])
 
@@ -161,7 +165,9 @@ class AdminServicer(pb_grpc.MoatAdminServicer):
     async def ExportEvidence(self, request: pb.EvidenceRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EvidenceChunk]:
         self._keys.check_admin(context.invocation_metadata())
         client = self._client(request.client_id)
-        data = await self._run(self._export, client.id, self._watermarked(request.model))
+        served = self._watermarked(request.model)
+        await self._plane.settle()
+        data = await self._run(self._export, client.id, served)
         for start in range(0, len(data), EVIDENCE_CHUNK_BYTES):
             yield pb.EvidenceChunk(data=data[start:start + EVIDENCE_CHUNK_BYTES])
 

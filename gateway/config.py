@@ -40,6 +40,9 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_seconds: float = 10.0
     tls: TLSConfig | None = None
+    # Requests of at most this many rows are answered before their own detection runs (it runs
+    # right after, in order per client); 0 detects every request before answering it.
+    deferred_max_rows: int = 64
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,7 @@ def _tls(data: Any, path: str, base: Path) -> TLSConfig | None:
 def _server(data: Any, base: Path) -> ServerConfig:
     fields = _Fields(data or {}, "server", {
         "host", "grpc_port", "metrics_port", "admin_port", "max_message_bytes",
-        "grace_seconds", "tls",
+        "grace_seconds", "tls", "deferred_max_rows",
     })
     defaults = ServerConfig()
     max_bytes = fields.get("max_message_bytes", int, defaults.max_message_bytes)
@@ -198,6 +201,9 @@ def _server(data: Any, base: Path) -> ServerConfig:
     grace = float(fields.get("grace_seconds", (int, float), defaults.grace_seconds))
     if grace < 0:
         raise ConfigError(fields.name("grace_seconds"), f"must be >= 0, got {grace}")
+    deferred = fields.get("deferred_max_rows", int, defaults.deferred_max_rows)
+    if deferred < 0:
+        raise ConfigError(fields.name("deferred_max_rows"), f"must be >= 0, got {deferred}")
     return ServerConfig(
         host=fields.get("host", str, defaults.host),
         grpc_port=_port(fields, "grpc_port", defaults.grpc_port),
@@ -206,6 +212,7 @@ def _server(data: Any, base: Path) -> ServerConfig:
         max_message_bytes=max_bytes,
         grace_seconds=grace,
         tls=_tls(fields.data.get("tls"), fields.name("tls"), base),
+        deferred_max_rows=deferred,
     )
 
 

@@ -11,7 +11,6 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ContextManager, TypeVar
@@ -22,14 +21,16 @@ from gateway.auth import Client
 from gateway.backends import Backend
 from gateway.config import ModelConfig
 from detectors.base import QueryBatch
+from gateway.deferred import DetectionWorker
 from gateway.errors import GatewayError, ModelNotFound, Unavailable
 from gateway.metrics import GatewayMetrics
-from gateway.protection import ModelProtection, Outcome
+from gateway.protection import ModelProtection
 from gateway.state import StateStore
 from gateway.types import InferRequest, InferResponse, ModelMetadata
 from gateway.validation import validate_request
 
 T = TypeVar("T")
+STORE_ERRORS = (ConnectionError, TimeoutError, OSError)  # what a state store that went away raises
 
 
 @dataclass
@@ -55,16 +56,22 @@ class DataPlane:
     def __init__(
         self, models: dict[str, ServedModel], metrics: GatewayMetrics,
         clock: Callable[[], float] = time.monotonic, store: StateStore | None = None,
+        deferred_max_rows: int = 64,
     ) -> None:
         self.models = models
         self._metrics = metrics
         self._clock = clock
-        # One store transaction per request's protect stage where the store has them (sqlite):
-        # one commit instead of one per store call (moat bench: most of the stage's cost).
-        self._transaction: Callable[[], ContextManager[Any]] = getattr(store, "transaction", nullcontext)
         self.traffic: defaultdict[str, ClientTraffic] = defaultdict(ClientTraffic)
-        # The state store is synchronous: detection and defenses run on these threads.
-        self._protect_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="protect")
+        # Batches up to this many rows are answered first and detected after (deferred); larger
+        # ones are detected before their answer, so one big batch cannot pass unjudged.
+        self._deferred_max_rows = deferred_max_rows
+        # The state store is synchronous: detection runs on these threads, in order per client,
+        # a batch of requests per store transaction where the store has them (sqlite: one commit
+        # per batch instead of one per request). Stores without transactions (redis, memory) get
+        # more shards, so that their round trips overlap.
+        transaction: Callable[[], ContextManager[Any]] | None = getattr(store, "transaction", None)
+        self._detection = DetectionWorker(shards=1 if transaction else 4, transaction=transaction or nullcontext,
+                                          thread_init=_one_native_thread)
 
     async def start(self) -> None:
         """Start every backend, in parallel."""
@@ -73,7 +80,7 @@ class DataPlane:
     async def close(self) -> None:
         """Release backends; called once serving has stopped."""
         await asyncio.gather(*(model.backend.close() for model in self.models.values()))
-        self._protect_pool.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(None, self._detection.close)
 
     def model(self, name: str, version: str = "") -> ServedModel:
         """The model called ``name``; ``ModelNotFound`` lists the served ones."""
@@ -115,7 +122,10 @@ class DataPlane:
         protection = served.protection
         if protection is not None:
             started = self._clock()
-            await self._in_pool(protection.admit, client)
+            snapshot = protection.cached(client.id)
+            if snapshot is None and not protection.tiers[client.tier].trusted:
+                snapshot = await self._detection.call(client.id, lambda: protection.snapshot(client.id))
+            protection.admit(client, snapshot)
             self._stage("admission", request.model_name, started)
         started = self._clock()
         try:
@@ -134,12 +144,13 @@ class DataPlane:
         response.model_version = request.model_version
         return response
 
-
     async def _protect(
         self, served: ServedModel, client: Client, request: InferRequest, response: InferResponse,
         metadata: ModelMetadata,
     ) -> None:
         """Detect and defend on the primary (first declared) input and output."""
+        protection = served.protection
+        assert protection is not None  # noqa: S101 (checked by the caller; narrows the type)
         primary_in, primary_out = metadata.inputs[0], metadata.outputs[0]
         inputs = np.asarray(request.inputs[primary_in.name], dtype=np.float32)
         embeddings = None
@@ -149,23 +160,59 @@ class DataPlane:
         batch = QueryBatch(model=served.config.name, kind=served.config.kind, inputs=inputs,
                            outputs=np.asarray(response.outputs[primary_out.name], dtype=np.float32),
                            embeddings=embeddings)
-        outcome = await self._in_pool(self._protect_once, served.protection, client, batch)
-        response.outputs[primary_out.name] = outcome.outputs.astype(primary_out.dtype, copy=False)
+        if len(inputs) <= self._deferred_max_rows:
+            outputs = await self._defend_then_detect(protection, client, batch)
+        else:
+            outcome = await self._in_order(client, lambda: protection.protect(client, batch))
+            outputs = outcome.outputs
+        response.outputs[primary_out.name] = outputs.astype(primary_out.dtype, copy=False)
 
-    def _protect_once(self, protection: ModelProtection, client: Client, batch: QueryBatch) -> Outcome:
-        """The protect stage in one store transaction, committed before the answer leaves."""
-        with self._transaction():
-            return protection.protect(client, batch)
+    async def _defend_then_detect(self, protection: ModelProtection, client: Client, batch: QueryBatch) -> np.ndarray:
+        """Answer with the standing the client's earlier requests left, then detect on this one
+        after the answer (deferred detection, see :mod:`gateway.deferred`)."""
+        await self._settled(client)
+        snapshot = protection.cached(client.id)
+        if snapshot is None:  # reset by an operator meanwhile, or a block to re-check
+            snapshot = await self._in_order(client, lambda: protection.snapshot(client.id))
+        protection.refuse_blocked(client, snapshot)
+        self._detection.submit(client.id, lambda: protection.observe(client, batch))
+        outputs, marked = protection.defend(client, batch, snapshot)
+        if marked is not None:  # the evidence is durable before the answer leaves
+            await self._in_order(client, lambda: protection.keep_evidence(client, marked))
+        return outputs
 
-    async def _in_pool(self, function: Callable[..., T], *args: Any) -> T:
-        """Run a state-store-bound call on the protect pool; a store outage is UNAVAILABLE."""
+    async def _settled(self, client: Client) -> None:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._protect_pool, function, *args)
-        except (ConnectionError, TimeoutError, OSError) as error:
+            await self._detection.settled(client.id)
+        except STORE_ERRORS as error:
             raise Unavailable("the state store is unavailable; try again") from error
+
+    async def _in_order(self, client: Client, function: Callable[[], T]) -> T:
+        """Run a state-store-bound call after the client's queued work; a store outage is UNAVAILABLE."""
+        await self._settled(client)
+        try:
+            return await self._detection.call(client.id, function)
+        except STORE_ERRORS as error:
+            raise Unavailable("the state store is unavailable; try again") from error
+
+    async def settle(self) -> None:
+        """Wait until the detection of every request answered so far is stored (admin reads)."""
+        await self._detection.drain()
+
+    async def for_client(self, client: str, function: Callable[[], T]) -> T:
+        """Run ``function`` after ``client``'s queued detection (admin actions on one client)."""
+        return await self._detection.call(client, function)
 
     def _stage(self, stage: str, model: str, started: float) -> None:
         self._metrics.stage_duration.labels(model=model, stage=stage).observe(self._clock() - started)
+
+
+def _one_native_thread() -> None:
+    """Detection hashes one request's few rows at a time: FAISS's OpenMP threads only spin-wait
+    for work that one thread does faster (they showed as ~9% of the gateway's samples under load)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
 
 
 def _selected_outputs(

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from defenses.base import Defense, DefenseContext, create_defense
-from defenses.watermark import Watermark, create_watermark
+from defenses.watermark import Marked, Watermark, create_watermark
 from detectors.base import Detector, QueryBatch, Verdict, create_detector
 from gateway.alerts import AlertSink
 from gateway.auth import Client
@@ -37,7 +37,20 @@ from gateway.state import StateStore
 from gateway.state.base import client_key, client_prefix, evidence_stream
 
 STATUSES = ("ok", "flagged", "throttled", "blocked")
+RECHECK_SECONDS = 1.0  # a cached block or throttle is re-read from the store after this long
 log = logging.getLogger("moat.watermark")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A client's standing after its latest observed request: what its next answer is based on.
+
+    ``taken`` is the protection's clock when it was computed or read."""
+
+    status: str
+    suspicion: float
+    verdicts: Mapping[str, Verdict]
+    taken: float
 
 
 @dataclass(frozen=True)
@@ -156,19 +169,53 @@ class ModelProtection:
         self._buckets: dict[str, TokenBucket] = {}
         self._statuses: dict[str, str] = {}
         self._status_counts = {s: 0 for s in STATUSES[1:]}  # clients per non-ok status, for the gauge
+        self._snapshots: dict[str, Snapshot] = {}  # this process's view of each client's standing
+        # Metric children looked up once: labels() costs a lock and a dict lookup per call.
+        self._defense_modified = {
+            c.name: metrics.defense_actions.labels(model=config.name, defense=c.name, action="modified")
+            for c in config.defenses}
 
     def _status_key(self, client: str) -> str:
         return client_key("client", self.config.name, client)
 
-    def admit(self, caller: Client) -> None:
-        """Refuse a blocked client, and a throttled one over its rate; trusted tiers always pass."""
+    def cached(self, client: str) -> Snapshot | None:
+        """``client``'s standing as this process last saw it, or None when it must be read from
+        the store: never seen, or blocked/throttled longer than ``RECHECK_SECONDS`` ago (another
+        replica's operator may have lifted it)."""
+        snapshot = self._snapshots.get(client)
+        if snapshot is not None and snapshot.status in ("blocked", "throttled") \
+                and self._clock() - snapshot.taken > RECHECK_SECONDS:
+            return None
+        return snapshot
+
+    def snapshot(self, client: str) -> Snapshot:
+        """``client``'s standing: cached, or read from the store (status and detector peeks)."""
+        snapshot = self.cached(client)
+        if snapshot is not None:
+            return snapshot
+        components = self._untrusted_components()
+        verdicts = {name: detector.peek(client, self.config.name)
+                    for name, detector in (components.detectors.items() if components else ())}
+        status = str(self._store.get_fields(self._status_key(client)).get("status", "ok"))
+        return self._remember(client, status, verdicts)
+
+    def _untrusted_components(self) -> TierComponents | None:
+        return next((t for t in self.tiers.values() if not t.trusted), None)
+
+    def _remember(self, client: str, status: str, verdicts: Mapping[str, Verdict]) -> Snapshot:
+        suspicion = max((v.score for v in verdicts.values()), default=0.0)
+        snapshot = Snapshot(status=status, suspicion=suspicion, verdicts=dict(verdicts), taken=self._clock())
+        self._snapshots[client] = snapshot
+        return snapshot
+
+    def admit(self, caller: Client, snapshot: Snapshot | None) -> None:
+        """Refuse a blocked client, and a throttled one over its rate; trusted tiers always pass.
+        ``snapshot`` is the client's standing (see :meth:`snapshot`)."""
         components, client = self.tiers[caller.tier], caller.id
-        if components.trusted:
+        if components.trusted or snapshot is None:
             return
-        status = self._store.get_fields(self._status_key(client)).get("status", "ok")
-        if status == "blocked":
-            raise PermissionDenied("this API key is blocked for this model; contact the API owner")
-        if status == "throttled":
+        self.refuse_blocked(caller, snapshot)
+        if snapshot.status == "throttled":
             with self._guard:
                 bucket = self._buckets.setdefault(
                     client, TokenBucket(components.policy.throttle_per_second, self._clock))
@@ -179,11 +226,28 @@ class ModelProtection:
                     trailers=(("retry-after-ms", str(int(wait * 1000) + 1)),),
                 )
 
+    def refuse_blocked(self, caller: Client, snapshot: Snapshot) -> None:
+        """PERMISSION_DENIED for a blocked client (trusted tiers are never blocked)."""
+        if snapshot.status == "blocked" and not self.tiers[caller.tier].trusted:
+            raise PermissionDenied("this API key is blocked for this model; contact the API owner")
+
     def protect(self, caller: Client, batch: QueryBatch) -> Outcome:
-        """Observe ``batch``, apply the policy and the defenses; returns the answer to send."""
+        """Observe ``batch``, then answer it with the defenses its own verdicts call for (inline
+        detection: the gateway's path for large batches, and for offline use)."""
+        if self.tiers[caller.tier].trusted:
+            return Outcome(outputs=batch.outputs, verdicts={}, suspicion=0.0, status="trusted")
+        snapshot = self.observe(caller, batch)
+        outputs, marked = self.defend(caller, batch, snapshot)
+        if marked is not None:
+            self.keep_evidence(caller, marked)
+        return Outcome(outputs=outputs, verdicts=snapshot.verdicts, suspicion=snapshot.suspicion,
+                       status=snapshot.status)
+
+    def observe(self, caller: Client, batch: QueryBatch) -> Snapshot:
+        """Run the detectors on ``batch``, apply the policy and store the client's new standing."""
         components, client = self.tiers[caller.tier], caller.id
         if components.trusted:
-            return Outcome(outputs=batch.outputs, verdicts={}, suspicion=0.0, status="trusted")
+            return Snapshot(status="trusted", suspicion=0.0, verdicts={}, taken=self._clock())
         with self._guard:
             lock = self._locks[client]
         with lock:
@@ -191,28 +255,41 @@ class ModelProtection:
             verdicts = {name: detector.observe(client, batch) for name, detector in components.detectors.items()}
             suspicion = max((v.score for v in verdicts.values()), default=0.0)
             status = self._record(client, batch, verdicts, suspicion, components.policy)
+            snapshot = self._remember(client, status, verdicts)
             self._observe_stage("detect", started)
+        return snapshot
+
+    def defend(self, caller: Client, batch: QueryBatch, snapshot: Snapshot) -> tuple[np.ndarray, Marked | None]:
+        """The answer to send for ``batch`` (float32 [B, K]) given the client's standing, and the
+        watermark's evidence to keep before it leaves (None when nothing was marked). Pure numpy:
+        no store access, so the gateway runs it on the event loop."""
+        components = self.tiers[caller.tier]
+        if components.trusted:
+            return batch.outputs, None
         started = self._clock()
-        context = DefenseContext(client=client, batch=batch, verdicts=verdicts, suspicion=suspicion,
-                                 flagged=status != "ok")
+        context = DefenseContext(client=caller.id, batch=batch, verdicts=snapshot.verdicts,
+                                 suspicion=snapshot.suspicion, flagged=snapshot.status != "ok")
         outputs = batch.outputs
         for defense in components.defenses:
             changed = defense.apply(outputs, context)
-            if not np.array_equal(changed, outputs):
-                self._metrics.defense_actions.labels(model=self.config.name, defense=defense.name,
-                                                     action="modified").inc()
+            if changed is not outputs and not np.array_equal(changed, outputs):
+                self._defense_modified[defense.name].inc()
             outputs = changed
         self._observe_stage("defend", started)
-        if components.watermark is not None:
-            outputs = self._watermark(client, components.watermark, outputs, context)
-        return Outcome(outputs=outputs, verdicts=verdicts, suspicion=suspicion, status=status)
-
-    def _watermark(self, client: str, watermark: Watermark, outputs: np.ndarray, context: DefenseContext) -> np.ndarray:
-        """Watermark the answer and write its evidence; the records are durable before we return,
-        so before the answer leaves (a crash after this loses no evidence of a sent answer)."""
+        if components.watermark is None:
+            return outputs, None
         started = self._clock()
-        marked = watermark.mark(outputs, context)
-        model = self.config.name
+        marked = components.watermark.mark(outputs, context)
+        self._observe_stage("watermark", started)
+        return marked.outputs, (marked if marked.records else None)
+
+    def keep_evidence(self, caller: Client, marked: Marked) -> None:
+        """Write the watermark's evidence records; durable when this returns, so before the answer
+        leaves (a crash after this loses no evidence of a sent answer)."""
+        watermark = self.tiers[caller.tier].watermark
+        if watermark is None:
+            return
+        model, client = self.config.name, caller.id
         stream = evidence_stream(model, client)
         for record in marked.records:
             record_id = self._store.append_record(stream, record, max_records=watermark.max_evidence)
@@ -220,11 +297,8 @@ class ModelProtection:
                 log.warning(json.dumps({"event": "evidence_bound_reached", "client": client, "model": model,
                                         "max_evidence": watermark.max_evidence}))
                 self._metrics.evidence_bound_reached.labels(model=model).inc()
-        if marked.records:
-            self._metrics.watermarked_answers.labels(model=model).inc(len(marked.records))
-            self._metrics.evidence_records.labels(model=model).inc(len(marked.records))
-        self._observe_stage("watermark", started)
-        return marked.outputs
+        self._metrics.watermarked_answers.labels(model=model).inc(len(marked.records))
+        self._metrics.evidence_records.labels(model=model).inc(len(marked.records))
 
     def evidence(self, client: str, after_id: int = 0, limit: int = 1000) -> list[tuple[int, dict[str, Any]]]:
         """``client``'s evidence records on this model with id > ``after_id``, oldest first."""
@@ -331,11 +405,13 @@ class ModelProtection:
         self._store.set_fields(key, {"status": "flagged", "exempt": 1.0})
         with self._guard:
             self._buckets.pop(client, None)
+            self._snapshots.pop(client, None)  # read anew from the store on the next request
         return True
 
     def reset(self, client: str) -> int:
         """Forget everything about ``client`` on this model; returns the number of keys deleted."""
         with self._guard:
             self._buckets.pop(client, None)
+            self._snapshots.pop(client, None)
             self._count_status(self._statuses.pop(client, None), None)
         return self._store.delete(client_prefix(self.config.name, client))

@@ -82,7 +82,7 @@ def build_plane(
         if model.protected and secret is not None:
             protection = ModelProtection(model, f"models[{index}]", config.tiers, store, secret, metrics, alerts)
         models[model.name] = ServedModel(config=model, backend=backend, protection=protection)
-    return DataPlane(models, metrics, store=store)
+    return DataPlane(models, metrics, store=store, deferred_max_rows=config.server.deferred_max_rows)
 
 
 def _check_tiers(config: GatewayConfig, keys: KeyStore) -> None:

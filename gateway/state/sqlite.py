@@ -98,9 +98,19 @@ class SqliteStore:
         """Group this thread's calls into one write transaction, committed on exit (so durable
         before the caller goes on) and rolled back as a whole on an exception. The gateway wraps
         each request's protect stage in one: a commit per request instead of one per call, which
-        was most of the stage's cost (measured by ``moat bench``). Nested use joins the outer one."""
+        was most of the stage's cost (measured by ``moat bench``). A nested block is a savepoint:
+        an exception in it undoes its own writes only, and the outer transaction goes on (the
+        detection worker runs a batch of requests in one transaction, each in a savepoint)."""
         if getattr(self._local, "in_transaction", False):
-            yield
+            conn = self._conn()
+            conn.execute("SAVEPOINT nested")
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK TO nested")
+                conn.execute("RELEASE nested")
+                raise
+            conn.execute("RELEASE nested")
             return
         with self._write():
             self._local.in_transaction = True

@@ -28,7 +28,7 @@ def test_calls_commit_together_at_the_end(tmp_path: Path) -> None:
         store.append_record("/evidence/m/c", {"q": 1})
         assert store.get_fields("m/c/status") == {"queries": 1.0}  # this thread sees its own writes
         assert _other_thread(lambda: store.get_fields("m/c/status")) == {}  # others do not, yet
-        with store.transaction():  # nested: joins the outer transaction
+        with store.transaction():  # nested: a savepoint, committed with the outer transaction
             store.incr("m/c/status", {"queries": 1})
     assert _other_thread(lambda: store.get_fields("m/c/status")) == {"queries": 2.0}
     assert list(store.count_bits("m/c/cov", 16, 8)) == [1, 1]
@@ -47,4 +47,21 @@ def test_an_exception_rolls_every_call_back(tmp_path: Path) -> None:
     assert list(store.count_bits("m/c/cov", 16, 8)) == [0, 0]
     store.incr("m/c/status", {"queries": 1})  # the store is usable afterwards
     assert store.get_fields("m/c/status") == {"queries": 6.0}
+    store.close()
+
+
+def test_a_nested_block_that_fails_undoes_only_its_own_writes(tmp_path: Path) -> None:
+    store = create_store("sqlite", {"path": str(tmp_path / "s.db")})
+    with store.transaction():
+        store.incr("m/a/status", {"queries": 1})
+        with pytest.raises(RuntimeError), store.transaction():
+            store.incr("m/b/status", {"queries": 1})
+            store.set_bits("m/b/cov", np.array([2]), 16, 8)
+            raise RuntimeError("one request's detection failed")
+        with store.transaction():
+            store.incr("m/c/status", {"queries": 3})
+    assert _other_thread(lambda: store.get_fields("m/a/status")) == {"queries": 1.0}
+    assert _other_thread(lambda: store.get_fields("m/b/status")) == {}
+    assert list(store.count_bits("m/b/cov", 16, 8)) == [0, 0]
+    assert _other_thread(lambda: store.get_fields("m/c/status")) == {"queries": 3.0}
     store.close()

@@ -1,0 +1,99 @@
+"""DetectionWorker: per-client order, waiting for a client's queued work, failures reported once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.deferred import DetectionWorker
+from gateway.state.base import create_store
+
+
+def test_jobs_of_one_client_run_in_order_and_settled_waits_for_them() -> None:
+    async def scenario() -> None:
+        worker = DetectionWorker(shards=3)
+        seen: list[tuple[str, int]] = []
+        gate = threading.Event()
+        worker.submit("alice", gate.wait)  # holds alice's shard until released
+        for i in range(20):
+            for client in ("alice", "bob"):
+                worker.submit(client, lambda c=client, i=i: seen.append((c, i)))
+        waiting = asyncio.ensure_future(worker.settled("alice"))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # alice's jobs are stuck behind the gate
+        gate.set()
+        await waiting
+        assert [i for c, i in seen if c == "alice"] == list(range(20))
+        await worker.settled("bob")
+        assert [i for c, i in seen if c == "bob"] == list(range(20))
+        await worker.settled("carol")  # nothing queued: returns at once
+        worker.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_job_is_raised_to_the_clients_next_request_once() -> None:
+    async def scenario() -> None:
+        worker = DetectionWorker(shards=1)
+
+        def fail() -> None:
+            raise ConnectionError("store went away")
+
+        worker.submit("alice", fail)
+        worker.submit("bob", lambda: None)
+        with pytest.raises(ConnectionError, match="store went away"):
+            await worker.settled("alice")
+        await worker.settled("alice")  # reported once
+        await worker.settled("bob")  # other clients are unaffected
+        with pytest.raises(ValueError, match="bad"):
+            await worker.call("bob", lambda: (_ for _ in ()).throw(ValueError("bad")))
+        assert await worker.call("bob", lambda: 41 + 1) == 42
+        worker.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_commits_once_and_a_failing_job_undoes_only_its_writes(tmp_path: Path) -> None:
+    store = create_store("sqlite", {"path": str(tmp_path / "s.db")})
+    worker = DetectionWorker(shards=1, transaction=store.transaction)  # type: ignore[attr-defined]
+
+    def broken() -> None:
+        store.incr("m/bob/status", {"queries": 1})
+        raise RuntimeError("a bug in one request's detection")
+
+    async def scenario() -> None:
+        gate = threading.Event()
+        worker.submit("x", gate.wait)  # the jobs below queue up and run as one batch
+        for _ in range(5):
+            worker.submit("alice", lambda: store.incr("m/alice/status", {"queries": 1}))
+        worker.submit("bob", broken)
+        worker.submit("carol", lambda: store.set_bits("m/carol/cov", np.array([1]), 16, 8))
+        gate.set()
+        await worker.drain()
+        with pytest.raises(RuntimeError):
+            await worker.settled("bob")
+
+    asyncio.run(scenario())
+    assert store.get_fields("m/alice/status") == {"queries": 5.0}
+    assert store.get_fields("m/bob/status") == {}
+    assert list(store.count_bits("m/carol/cov", 16, 8)) == [1, 0]
+    worker.close()
+    store.close()
+
+
+def test_close_runs_what_is_queued() -> None:
+    worker = DetectionWorker(shards=2)
+    done: list[int] = []
+    for i in range(50):
+        worker.submit(f"client-{i % 7}", lambda i=i: done.append(i))
+    worker.close()
+    assert sorted(done) == list(range(50))
+
+
+def test_shards_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="shards must be >= 1, got 0"):
+        DetectionWorker(shards=0)
