@@ -38,6 +38,9 @@ import numpy as np
 
 from gateway.params import ConfigError, ParamError, check_keys, number
 from gateway.state.base import STATE_STORES, packed_with_bits, rows_from_blobs, segment_counts
+from gateway.state.sqlite_cache import TransactionCache
+
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bitmaps (key TEXT PRIMARY KEY, bits BLOB NOT NULL);
@@ -62,9 +65,10 @@ def _glob(prefix: str) -> str:
 class SqliteStore:
     """The state store in one SQLite file; see the module docstring for durability and locking."""
 
-    def __init__(self, path: Path, busy_timeout_ms: int) -> None:
+    def __init__(self, path: Path, busy_timeout_ms: int, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.path = path
         self._busy_timeout_ms = busy_timeout_ms
+        self._cache_bytes = cache_bytes
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
@@ -102,22 +106,56 @@ class SqliteStore:
         an exception in it undoes its own writes only, and the outer transaction goes on (the
         detection worker runs a batch of requests in one transaction, each in a savepoint)."""
         if getattr(self._local, "in_transaction", False):
-            conn = self._conn()
-            conn.execute("SAVEPOINT nested")
-            try:
-                yield
-            except BaseException:
-                conn.execute("ROLLBACK TO nested")
-                conn.execute("RELEASE nested")
-                raise
-            conn.execute("RELEASE nested")
+            yield from self._savepoint()
             return
-        with self._write():
-            self._local.in_transaction = True
-            try:
-                yield
-            finally:
-                self._local.in_transaction = False
+        conn, cache = self._conn(), self._thread_cache()
+        try:
+            with self._locked(conn):
+                self._local.in_transaction = True
+                try:
+                    if cache is not None:
+                        cache.begin(conn)
+                    yield
+                    if cache is not None:
+                        cache.flush(conn)
+                finally:
+                    self._local.in_transaction = False
+        except BaseException:
+            if cache is not None:
+                cache.clear()  # the database rolled back: the cache no longer matches it
+            raise
+        if cache is not None:
+            cache.committed()
+
+    def _savepoint(self) -> Iterator[None]:
+        conn, cache = self._conn(), self._thread_cache()
+        conn.execute("SAVEPOINT nested")
+        if cache is not None:
+            cache.savepoint()
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK TO nested")
+            conn.execute("RELEASE nested")
+            if cache is not None:
+                cache.rollback_to()
+            raise
+        conn.execute("RELEASE nested")
+        if cache is not None:
+            cache.release()
+
+    def _thread_cache(self) -> TransactionCache | None:
+        """This thread's write-back cache (transactions only; None when disabled)."""
+        if self._cache_bytes <= 0:
+            return None
+        cache: TransactionCache | None = getattr(self._local, "cache", None)
+        if cache is None:
+            cache = self._local.cache = TransactionCache(self._cache_bytes)
+        return cache
+
+    def _cached(self) -> TransactionCache | None:
+        """The cache to use for this call: inside a transaction only."""
+        return self._thread_cache() if getattr(self._local, "in_transaction", False) else None
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -127,10 +165,19 @@ class SqliteStore:
         if getattr(self._local, "in_transaction", False):
             yield conn
             return
+        cache = getattr(self._local, "cache", None)
+        if cache is not None:
+            cache.clear()  # written outside a transaction: the cache cannot know what changed
+        with self._locked(conn):
+            yield conn
+
+    @contextmanager
+    def _locked(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT under the process's write lock; ROLLBACK on an exception."""
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
+                yield
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -139,6 +186,8 @@ class SqliteStore:
 
     def set_bits(self, key: str, positions: np.ndarray, total_bits: int, segment_bits: int) -> np.ndarray:
         """Set bit ``positions`` (int64 [n]); return set bits per segment, int64 [total_bits // segment_bits]."""
+        if (cache := self._cached()) is not None:
+            return cache.set_bits(self._conn(), key, positions, total_bits, segment_bits)
         with self._write() as conn:
             row = conn.execute("SELECT bits FROM bitmaps WHERE key = ?", (key,)).fetchone()
             current = None if row is None else np.frombuffer(row[0], np.uint8)
@@ -149,18 +198,27 @@ class SqliteStore:
 
     def count_bits(self, key: str, total_bits: int, segment_bits: int) -> np.ndarray:
         """Set bits per segment, int64 [total_bits // segment_bits]; zeros when absent."""
-        row = self._conn().execute("SELECT bits FROM bitmaps WHERE key = ?", (key,)).fetchone()
-        if row is None:
+        if (cache := self._cached()) is not None:
+            bits = cache.bitmap(self._conn(), key)
+        else:
+            row = self._conn().execute("SELECT bits FROM bitmaps WHERE key = ?", (key,)).fetchone()
+            bits = None if row is None else np.frombuffer(row[0], np.uint8)
+        if bits is None:
             return np.zeros(total_bits // segment_bits, np.int64)
-        return segment_counts(np.frombuffer(row[0], np.uint8), segment_bits)
+        return segment_counts(bits, segment_bits)
 
     def bitmap_bytes(self, key: str) -> int:
         """Bytes of the bitmap's blob (0 when absent); the file adds SQLite's page overhead."""
+        if (cache := self._cached()) is not None:
+            bits = cache.bitmap(self._conn(), key)
+            return 0 if bits is None else int(bits.nbytes)
         row = self._conn().execute("SELECT length(bits) FROM bitmaps WHERE key = ?", (key,)).fetchone()
         return 0 if row is None else int(row[0])
 
     def incr(self, key: str, fields: Mapping[str, float]) -> dict[str, float]:
         """Add each amount to its numeric field (absent = 0); return the new values."""
+        if (cache := self._cached()) is not None:
+            return cache.incr(self._conn(), key, fields)
         out: dict[str, float] = {}
         with self._write() as conn:
             for name, amount in fields.items():
@@ -176,6 +234,9 @@ class SqliteStore:
 
     def set_fields(self, key: str, fields: Mapping[str, float | str]) -> None:
         """Overwrite fields; ``str`` values are stored as text, anything else as a float."""
+        if (cache := self._cached()) is not None:
+            cache.set_fields(self._conn(), key, fields)
+            return
         values = [(key, name, None, value) if isinstance(value, str) else (key, name, float(value), None)
                   for name, value in fields.items()]
         with self._write() as conn:
@@ -185,6 +246,8 @@ class SqliteStore:
 
     def get_fields(self, key: str) -> dict[str, float | str]:
         """All fields: numbers as float, text as str; empty when absent."""
+        if (cache := self._cached()) is not None:
+            return cache.get_fields(self._conn(), key)
         rows = self._conn().execute("SELECT field, num, text FROM hashes WHERE key = ?", (key,)).fetchall()
         return {name: (text if text is not None else float(num)) for name, num, text in rows}
 
@@ -195,6 +258,8 @@ class SqliteStore:
             raise ValueError(f"rows must be 2-D [n, d] with d >= 1, got shape {rows.shape}")
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        if (cache := self._cached()) is not None:
+            return cache.push_rows(self._conn(), key, rows, max_rows)
         with self._write() as conn:
             meta = conn.execute("SELECT dim, next_seq FROM row_sets WHERE key = ?", (key,)).fetchone()
             dim, start = (rows.shape[1], 0) if meta is None else meta
@@ -212,6 +277,8 @@ class SqliteStore:
 
     def get_rows(self, key: str, dim: int) -> np.ndarray:
         """The stored rows, float32 [n, dim], oldest first; [0, dim] when absent."""
+        if (cache := self._cached()) is not None:
+            return cache.get_rows(self._conn(), key, dim)
         conn = self._conn()
         meta = conn.execute("SELECT dim FROM row_sets WHERE key = ?", (key,)).fetchone()
         blobs = [b for (b,) in conn.execute("SELECT data FROM rows WHERE key = ? ORDER BY seq", (key,))]
@@ -245,6 +312,9 @@ class SqliteStore:
     def delete(self, prefix: str) -> int:
         """Delete every key and stream starting with ``prefix``; return how many (key, kind) went."""
         pattern = _glob(prefix)
+        if (cache := self._cached()) is not None:
+            cache.flush(self._conn())  # so that the count below includes keys created in this transaction
+            cache.drop(prefix)
         with self._write() as conn:
             removed = conn.execute("DELETE FROM bitmaps WHERE key GLOB ?", (pattern,)).rowcount
             removed += conn.execute("SELECT count(DISTINCT key) FROM hashes WHERE key GLOB ?",
@@ -270,10 +340,12 @@ class SqliteStore:
 
 @STATE_STORES.register("sqlite")
 def create_sqlite(params: Mapping[str, Any], where: str) -> SqliteStore:
-    """``path`` (required; parent directories are created) and ``busy_timeout_ms`` (default 5000)."""
+    """``path`` (required; parent directories are created), ``busy_timeout_ms`` (default 5000) and
+    ``cache_mb``, the write-back cache of the detection worker's transactions (default 256; 0 turns it off)."""
     try:
-        check_keys(params, ("path", "busy_timeout_ms"), required=("path",))
+        check_keys(params, ("path", "busy_timeout_ms", "cache_mb"), required=("path",))
         busy_timeout_ms = number(params, "busy_timeout_ms", 5000, low=0, high=600_000, integer=True)
+        cache_mb = number(params, "cache_mb", DEFAULT_CACHE_BYTES // 2**20, low=0, high=1 << 20)
         raw_path = params["path"]
         if not isinstance(raw_path, (str, Path)) or not str(raw_path).strip():
             raise ParamError("path", f"must be a non-empty file path, got {raw_path!r}")
@@ -282,7 +354,7 @@ def create_sqlite(params: Mapping[str, Any], where: str) -> SqliteStore:
             raise ParamError("path", f"{path} is a directory; give the database file")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            return SqliteStore(path, busy_timeout_ms)
+            return SqliteStore(path, busy_timeout_ms, int(cache_mb * 2**20))
         except (OSError, sqlite3.Error) as exc:
             raise ParamError("path", f"cannot open {path}: {exc}") from exc
     except ParamError as exc:
