@@ -81,6 +81,20 @@ class TokenBucket:
         return (1 - self._tokens) / self.rate
 
 
+class _MetricChildren:
+    """One model's labelled metric series, looked up once: ``labels()`` costs a lock and a dict
+    lookup per call, a dozen times per request on the detection worker."""
+
+    def __init__(self, metrics: GatewayMetrics, config: ModelConfig) -> None:
+        model = config.name
+        self.flagged = {s: metrics.flagged_clients.labels(model=model, status=s) for s in STATUSES[1:]}
+        self.suspicion = metrics.suspicion.labels(model=model)
+        self.coverage = metrics.coverage.labels(model=model)
+        self.stages = {s: metrics.stage_duration.labels(model=model, stage=s) for s in ("detect", "defend", "watermark")}
+        self.modified = {c.name: metrics.defense_actions.labels(model=model, defense=c.name, action="modified")
+                         for c in config.defenses}
+
+
 def _built(where: Callable[[str], str], name_field: str, build: Callable[[], Any]) -> Any:
     """Run a component factory; a bad parameter becomes a ConfigError at ``where(param)``."""
     try:
@@ -170,10 +184,7 @@ class ModelProtection:
         self._statuses: dict[str, str] = {}
         self._status_counts = {s: 0 for s in STATUSES[1:]}  # clients per non-ok status, for the gauge
         self._snapshots: dict[str, Snapshot] = {}  # this process's view of each client's standing
-        # Metric children looked up once: labels() costs a lock and a dict lookup per call.
-        self._defense_modified = {
-            c.name: metrics.defense_actions.labels(model=config.name, defense=c.name, action="modified")
-            for c in config.defenses}
+        self._children = _MetricChildren(metrics, config)
 
     def _status_key(self, client: str) -> str:
         return client_key("client", self.config.name, client)
@@ -273,7 +284,7 @@ class ModelProtection:
         for defense in components.defenses:
             changed = defense.apply(outputs, context)
             if changed is not outputs and not np.array_equal(changed, outputs):
-                self._defense_modified[defense.name].inc()
+                self._children.modified[defense.name].inc()
             outputs = changed
         self._observe_stage("defend", started)
         if components.watermark is None:
@@ -377,10 +388,10 @@ class ModelProtection:
             self._statuses[client] = status
             counts = dict(self._status_counts)
         for name, count in counts.items():
-            self._metrics.flagged_clients.labels(model=model, status=name).set(count)
-        self._metrics.suspicion.labels(model=model).observe(suspicion)
+            self._children.flagged[name].set(count)
+        self._children.suspicion.observe(suspicion)
         if "coverage" in verdicts and "coverage" in verdicts["coverage"].figures:
-            self._metrics.coverage.labels(model=model).observe(verdicts["coverage"].figures["coverage"])
+            self._children.coverage.observe(verdicts["coverage"].figures["coverage"])
 
     def _count_status(self, old: str | None, new: str | None) -> None:
         """Move one client between status counts (call under ``self._guard``)."""
@@ -390,7 +401,7 @@ class ModelProtection:
             self._status_counts[new] += 1  # type: ignore[index]
 
     def _observe_stage(self, stage: str, started: float) -> None:
-        self._metrics.stage_duration.labels(model=self.config.name, stage=stage).observe(self._clock() - started)
+        self._children.stages[stage].observe(self._clock() - started)
 
     def client_state(self, client: str) -> dict[str, float | str]:
         """What the store holds about ``client`` on this model (status, queries, figures)."""
