@@ -1,4 +1,5 @@
-"""Extraction alerts: written to the state store, logged as JSON and counted, in one place.
+"""Extraction alerts: written to the state store and logged as JSON, in one place (counted by
+the protection that raised them, in the gateway process, wherever detection ran).
 
 An alert is raised when a detector's alert flag goes from off to on for a client, so a thief
 produces one alert per detector, not one per request. Records live in the store's ``alerts``
@@ -13,7 +14,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gateway.metrics import GatewayMetrics
 from gateway.state import StateStore
 
 ALERT_STREAM = "alerts"
@@ -22,17 +22,16 @@ log = logging.getLogger("moat.alerts")
 
 
 class AlertSink:
-    """Records alerts durably before the answer that caused them leaves."""
+    """Records alerts durably in the state store."""
 
-    def __init__(self, store: StateStore, metrics: GatewayMetrics, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: StateStore, clock: Callable[[], float] = time.time) -> None:
         self._store = store
-        self._metrics = metrics
         self._clock = clock
 
     def raise_alert(
         self, *, client: str, model: str, detector: str, figures: Mapping[str, float], action: str,
     ) -> int:
-        """Store, log and count one alert; returns its id in the alert stream."""
+        """Store and log one alert; returns its id in the alert stream."""
         now = self._clock()
         record: dict[str, Any] = {
             "time": now,
@@ -42,7 +41,6 @@ class AlertSink:
             "action": action,
         }
         record_id = self._store.append_record(ALERT_STREAM, record, max_records=MAX_ALERTS)
-        self._metrics.alerts.labels(model=model, detector=detector).inc()
         log.warning(json.dumps({"event": "extraction_alert", "alert_id": record_id, **record}))
         return record_id
 

@@ -149,9 +149,9 @@ class DetectionWorker:
                     try:
                         with self._transaction():  # a savepoint: a failing job undoes only its own writes
                             job.result = job.function()
-                    except Exception as error:  # reported to the client, never kills the shard
+                    except Exception as error:  # noqa: BLE001 (reported to the client; never kills the shard)
                         job.error = error
-        except Exception as error:  # the commit itself failed: no job's writes are stored
+        except Exception as error:  # noqa: BLE001 (the commit failed: no job's writes are stored)
             for job in jobs:
                 job.error = job.error or error
         for job in jobs:

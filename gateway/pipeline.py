@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, ContextManager, TypeVar
+from typing import Any, ContextManager, TypeVar, cast
 
 import numpy as np
 
@@ -149,8 +149,7 @@ class DataPlane:
         metadata: ModelMetadata,
     ) -> None:
         """Detect and defend on the primary (first declared) input and output."""
-        protection = served.protection
-        assert protection is not None  # noqa: S101 (checked by the caller; narrows the type)
+        protection = cast(ModelProtection, served.protection)  # the caller checked it is set
         primary_in, primary_out = metadata.inputs[0], metadata.outputs[0]
         inputs = np.asarray(request.inputs[primary_in.name], dtype=np.float32)
         embeddings = None

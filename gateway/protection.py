@@ -1,8 +1,11 @@
 """The protect stage of one model: admission, detection, the policy, and defenses.
 
-Runs on a worker thread (the state store is synchronous). Per client, detection and the policy
-run under a lock, so concurrent requests of one client update its state one after the other in
-this replica; across replicas each store operation is atomic on its own.
+Detection (:meth:`ModelProtection.detect`) touches the state store and runs off the event loop: on
+the detection worker or in the detection process (:mod:`gateway.deferred`,
+:mod:`gateway.detection_process`). Per client, detection and the policy run under a lock and in
+order, so concurrent requests of one client update its state one after the other in this replica;
+across replicas each store operation is atomic on its own. Defenses (:meth:`ModelProtection.defend`)
+are pure numpy on the client's last standing (:class:`Snapshot`).
 
 The policy reads the detectors' combined suspicion (the max of their scores, in [0, 1]) against
 the model's thresholds: ``flag_at`` flags the client (defenses that act on flagged clients
@@ -23,18 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from defenses.base import Defense, DefenseContext, create_defense
-from defenses.watermark import Marked, Watermark, create_watermark
-from detectors.base import Detector, QueryBatch, Verdict, create_detector
+from defenses.base import DefenseContext
+from defenses.watermark import Marked
+from detectors.base import QueryBatch, Verdict
 from gateway.alerts import AlertSink
 from gateway.auth import Client
-from gateway.config import ModelConfig, PolicyConfig, TierConfig, tier_policy
+from gateway.config import ModelConfig, PolicyConfig, TierConfig
 from gateway.errors import PermissionDenied, ResourceExhausted
 from gateway.metrics import GatewayMetrics
-from gateway.params import ConfigError, ParamError
-from gateway.secrets import derive_key, derive_seed
 from gateway.state import StateStore
 from gateway.state.base import client_key, client_prefix, evidence_stream
+from gateway.tiers import TierComponents, build_tier
 
 STATUSES = ("ok", "flagged", "throttled", "blocked")
 RECHECK_SECONDS = 1.0  # a cached block or throttle is re-read from the store after this long
@@ -51,6 +53,20 @@ class Snapshot:
     suspicion: float
     verdicts: Mapping[str, Verdict]
     taken: float
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What one request's detection concluded (:meth:`ModelProtection.detect`): what the gateway
+    process accounts for, wherever detection ran. Picklable."""
+
+    client: str
+    before: str
+    status: str
+    verdicts: Mapping[str, Verdict]
+    suspicion: float
+    alerts: tuple[str, ...]
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -93,80 +109,6 @@ class _MetricChildren:
         self.stages = {s: metrics.stage_duration.labels(model=model, stage=s) for s in ("detect", "defend", "watermark")}
         self.modified = {c.name: metrics.defense_actions.labels(model=model, defense=c.name, action="modified")
                          for c in config.defenses}
-
-
-def _built(where: Callable[[str], str], name_field: str, build: Callable[[], Any]) -> Any:
-    """Run a component factory; a bad parameter becomes a ConfigError at ``where(param)``."""
-    try:
-        return build()
-    except ParamError as error:
-        # ParamError("name") means the component itself does not fit (e.g. a classifier-only
-        # defense on an encoder): that is the component's name field, not one of its params.
-        raise ConfigError(name_field if error.param == "name" else where(error.param), error.problem) from None
-    except KeyError as error:
-        raise ConfigError(name_field, str(error.args[0])) from None
-
-
-@dataclass(frozen=True)
-class TierComponents:
-    """The detectors, defenses and policy that apply to one tier's keys on one model."""
-
-    trusted: bool
-    detectors: Mapping[str, Detector]
-    defenses: tuple[Defense, ...]
-    policy: PolicyConfig
-    watermark: Watermark | None = None
-
-
-def _component_params(base: Mapping[str, Any], tier: TierConfig, kind: str, name: str) -> Mapping[str, Any] | None:
-    override = getattr(tier, kind).get(name, {})
-    return None if override is False else {**base, **override}
-
-
-def _param_field(where: str, tier: TierConfig, kind: str, index: int, name: str) -> Callable[[str], str]:
-    """Name a bad parameter where it was written: the tier's override or the model's params."""
-    override = getattr(tier, kind).get(name) or {}
-    return lambda param: (f"tiers.{tier.name}.{kind}.{name}.{param}" if param in override
-                          else f"{where}.{kind}[{index}].params.{param}")
-
-
-def build_tier(config: ModelConfig, tier: TierConfig, where: str, store: StateStore, secret: bytes) -> TierComponents:
-    """Build ``config``'s components with ``tier``'s overrides; ``ConfigError`` names the field."""
-    policy = tier_policy(config.policy, tier.policy, f"tiers.{tier.name}.policy")
-    if tier.trusted:
-        return TierComponents(trusted=True, detectors={}, defenses=(), policy=policy)
-    detectors: dict[str, Detector] = {}
-    for i, c in enumerate(config.detectors):
-        params = _component_params(c.params, tier, "detectors", c.name)
-        if params is not None:
-            detectors[c.name] = _built(
-                _param_field(where, tier, "detectors", i, c.name), f"{where}.detectors[{i}].name",
-                lambda c=c, params=params: create_detector(
-                    c.name, params, store=store, kind=config.kind,  # type: ignore[arg-type]
-                    seed=derive_seed(secret, "detector", config.name, c.name)))
-    defenses: list[Defense] = []
-    for i, c in enumerate(config.defenses):
-        params = _component_params(c.params, tier, "defenses", c.name)
-        if params is not None:
-            # Keyed per model, so two models of one width never share a client's transform.
-            defenses.append(_built(
-                _param_field(where, tier, "defenses", i, c.name), f"{where}.defenses[{i}].name",
-                lambda c=c, params=params: create_defense(
-                    c.name, params, kind=config.kind,  # type: ignore[arg-type]
-                    secret=derive_key(secret, "defense", config.name, c.name))))
-    return TierComponents(trusted=False, detectors=detectors, defenses=tuple(defenses), policy=policy,
-                          watermark=build_watermark(config, tier, where, secret))
-
-
-def build_watermark(config: ModelConfig, tier: TierConfig, where: str, secret: bytes) -> Watermark | None:
-    """The model's watermark for ``tier`` (None if it has none or the tier switches it off)."""
-    c = config.watermark
-    if c is None or not tier.watermark:
-        return None
-    # Its own purpose string: the watermark key never equals a defense's or a detector's.
-    return _built(lambda param: f"{where}.watermark.params.{param}", f"{where}.watermark.name",
-                  lambda: create_watermark(c.name, c.params, kind=config.kind,  # type: ignore[arg-type]
-                                           secret=derive_key(secret, "watermark", config.name, c.name)))
 
 
 class ModelProtection:
@@ -256,19 +198,35 @@ class ModelProtection:
 
     def observe(self, caller: Client, batch: QueryBatch) -> Snapshot:
         """Run the detectors on ``batch``, apply the policy and store the client's new standing."""
+        observed = self.detect(caller, batch)
+        if observed is None:
+            return Snapshot(status="trusted", suspicion=0.0, verdicts={}, taken=self._clock())
+        return self.account(observed)
+
+    def detect(self, caller: Client, batch: QueryBatch) -> Observed | None:
+        """The store side of :meth:`observe` (None for a trusted tier): detectors, policy, alerts.
+        The detection process runs this; the gateway process then calls :meth:`account`."""
         components, client = self.tiers[caller.tier], caller.id
         if components.trusted:
-            return Snapshot(status="trusted", suspicion=0.0, verdicts={}, taken=self._clock())
+            return None
         with self._guard:
             lock = self._locks[client]
         with lock:
             started = self._clock()
             verdicts = {name: detector.observe(client, batch) for name, detector in components.detectors.items()}
             suspicion = max((v.score for v in verdicts.values()), default=0.0)
-            status = self._record(client, batch, verdicts, suspicion, components.policy)
-            snapshot = self._remember(client, status, verdicts)
-            self._observe_stage("detect", started)
-        return snapshot
+            before, status, alerts = self._record(client, batch, verdicts, suspicion, components.policy)
+            return Observed(client=client, before=before, status=status, verdicts=verdicts, suspicion=suspicion,
+                            alerts=alerts, seconds=self._clock() - started)
+
+    def account(self, observed: Observed) -> Snapshot:
+        """Metrics and this process's view of the client after :meth:`detect` (here or in the
+        detection process): status counts, suspicion and coverage histograms, alerts, policy actions."""
+        self._account(observed.client, observed.before, observed.status, observed.verdicts, observed.suspicion)
+        for detector in observed.alerts:
+            self._metrics.alerts.labels(model=self.config.name, detector=detector).inc()
+        self._children.stages["detect"].observe(observed.seconds)
+        return self._remember(observed.client, observed.status, observed.verdicts)
 
     def defend(self, caller: Client, batch: QueryBatch, snapshot: Snapshot) -> tuple[np.ndarray, Marked | None]:
         """The answer to send for ``batch`` (float32 [B, K]) given the client's standing, and the
@@ -345,7 +303,8 @@ class ModelProtection:
         return max(wanted, before, key=STATUSES.index)
 
     def _record(self, client: str, batch: QueryBatch, verdicts: Mapping[str, Verdict], suspicion: float,
-                policy: PolicyConfig) -> str:
+                policy: PolicyConfig) -> tuple[str, str, tuple[str, ...]]:
+        """Store the new status and figures; returns (status before, status, detectors alerted)."""
         key = self._status_key(client)
         previous = self._store.get_fields(key)
         status = self._decide(previous, suspicion, verdicts, policy)
@@ -355,25 +314,27 @@ class ModelProtection:
             fields.update({f"{name}.{figure}": value for figure, value in verdict.figures.items()})
         self._store.incr(key, {"queries": len(batch.outputs)})
         self._store.set_fields(key, fields)
-        self._raise_alerts(client, previous, status, verdicts)
-        self._account(client, str(previous.get("status", "ok")), status, verdicts, suspicion)
-        return status
+        alerts = self._raise_alerts(client, previous, status, verdicts)
+        return str(previous.get("status", "ok")), status, alerts
 
     def _raise_alerts(self, client: str, previous: Mapping[str, float | str], status: str,
-                      verdicts: Mapping[str, Verdict]) -> None:
+                      verdicts: Mapping[str, Verdict]) -> tuple[str, ...]:
         """One alert per detector whose alert flag turned on, and one per rise in status (flagged,
-        throttled, blocked) that no such alert already announced, naming the top-scoring detector."""
-        raised = False
+        throttled, blocked) that no such alert already announced, naming the top-scoring detector.
+        Returns the detectors named, for the alert counter."""
+        raised: list[str] = []
         for name, verdict in verdicts.items():
             if verdict.alert and previous.get(f"alert:{name}") != 1.0:
                 self._alerts.raise_alert(client=client, model=self.config.name, detector=name,
                                          figures=verdict.figures, action=status)
-                raised = True
+                raised.append(name)
         rose = STATUSES.index(status) > STATUSES.index(str(previous.get("status", "ok")))
         if rose and not raised and verdicts:
             top = max(verdicts.values(), key=lambda v: v.score)
             self._alerts.raise_alert(client=client, model=self.config.name, detector=top.detector,
                                      figures=top.figures, action=status)
+            raised.append(top.detector)
+        return tuple(raised)
 
     def _account(self, client: str, before: str, status: str, verdicts: Mapping[str, Verdict],
                  suspicion: float) -> None:

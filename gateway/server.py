@@ -121,7 +121,7 @@ class Gateway:
         _check_tiers(config, self.keys)
         self.metrics = GatewayMetrics(self.registry, [model.name for model in config.models])
         self.store = _store(config)
-        self.alerts = AlertSink(self.store, self.metrics)
+        self.alerts = AlertSink(self.store)
         self._secret = load_server_secret(config.auth)
         self.plane = build_plane(config, self.metrics, self.store, self._secret, self.alerts)
         self.health = health.aio.HealthServicer()

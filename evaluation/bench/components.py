@@ -48,7 +48,7 @@ def demo_protection(model: str, store: StateStore) -> ModelProtection:
     metrics = GatewayMetrics(CollectorRegistry(), [m.name for m in config.models])
     secret = load_server_secret(config.auth)
     return ModelProtection(model_config, f"models[{index}]", config.tiers, store, secret, metrics,
-                           AlertSink(store, metrics))
+                           AlertSink(store))
 
 
 def demo_batches(model: str, seed: int = 0) -> Callable[[int], QueryBatch]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class _Rows:
         return _Rows(self.dim, self.next_seq, self.data)  # data is replaced, never changed in place
 
 
-Entry = Union[np.ndarray, dict, _Rows, None]  # None: a bitmap absent from the database
+Entry = Union[np.ndarray, dict, _Rows, None]  # noqa: UP007 (a runtime alias)  # None: a bitmap absent from the database
 _MISSING = object()
 
 
@@ -172,16 +172,14 @@ class TransactionCache:
         return self._get(conn, "bits", key)  # type: ignore[return-value]
 
     def incr(self, conn: sqlite3.Connection, key: str, fields: Mapping[str, float]) -> dict[str, float]:
-        stored = self._get(conn, "hash", key)
-        assert isinstance(stored, dict)  # noqa: S101 (narrows the type)
+        stored = cast(dict, self._get(conn, "hash", key))
         for name in fields:
             if isinstance(stored.get(name), str):
                 raise ValueError(f"field {name!r} of {key!r} holds text, not a number")
         return self._update(key, stored, {n: float(stored.get(n, 0.0)) + float(a) for n, a in fields.items()})
 
     def set_fields(self, conn: sqlite3.Connection, key: str, fields: Mapping[str, float | str]) -> None:
-        stored = self._get(conn, "hash", key)
-        assert isinstance(stored, dict)  # noqa: S101
+        stored = cast(dict, self._get(conn, "hash", key))
         self._update(key, stored, {k: (v if isinstance(v, str) else float(v)) for k, v in fields.items()})
 
     def _update(self, key: str, stored: dict, values: dict) -> dict:
@@ -203,8 +201,7 @@ class TransactionCache:
         return dict(self._get(conn, "hash", key))  # type: ignore[arg-type]
 
     def push_rows(self, conn: sqlite3.Connection, key: str, rows: np.ndarray, max_rows: int) -> int:
-        window = self._get(conn, "rows", key)
-        assert isinstance(window, _Rows)  # noqa: S101
+        window = cast(_Rows, self._get(conn, "rows", key))
         if window.dim is not None and window.dim != rows.shape[1]:
             raise ValueError(f"rows for {key!r} have width {window.dim}, got {rows.shape[1]}")
         slot = ("rows", key)
@@ -215,8 +212,7 @@ class TransactionCache:
         return len(self._entries[slot].data)  # type: ignore[union-attr]
 
     def get_rows(self, conn: sqlite3.Connection, key: str, dim: int) -> np.ndarray:
-        window = self._get(conn, "rows", key)
-        assert isinstance(window, _Rows)  # noqa: S101
+        window = cast(_Rows, self._get(conn, "rows", key))
         return np.zeros((0, dim), np.float32) if window.dim is None else window.data.copy()
 
     def drop(self, prefix: str) -> None:

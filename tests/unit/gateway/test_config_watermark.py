@@ -11,7 +11,7 @@ import yaml
 from defenses.watermark import DAWN, Direction
 from gateway.config import ComponentConfig, parse_config
 from gateway.errors import ConfigError
-from gateway.protection import build_tier, build_watermark
+from gateway.tiers import build_tier, build_watermark
 from gateway.state import create_store
 
 REPO = Path(__file__).resolve().parents[3]
