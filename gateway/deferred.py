@@ -1,4 +1,4 @@
-"""Per-client ordered work off the event loop: the protect stage's detection and state writes.
+"""Per-client ordered deferred work: the protect stage's detection and state writes.
 
 The gateway answers a small request with the defenses the client's state called for *before*
 it (the state after all its earlier requests), then records the request's own detection here,
@@ -186,3 +186,71 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+class LoopDetection:
+    """Deferred detection on the event loop's own thread, for stores whose calls never wait on a
+    network (memory, sqlite with its write-back cache): queued jobs run in the loop's next
+    iteration, once the answer that queued them is on its way (several answers' jobs together
+    under load). No second thread competes for the GIL (``moat bench``: with the detection
+    thread, requests at concurrency 1 spent ~0.35 ms more in the gateway, waiting for the GIL,
+    than the detection itself took).
+
+    Jobs run in submission order, a batch per store transaction, each in a savepoint; a failure
+    is kept for the client's next request, as :class:`DetectionWorker` does.
+    """
+
+    def __init__(self, transaction: Callable[[], ContextManager[Any]] = nullcontext) -> None:
+        self._transaction = transaction
+        self._jobs: list[tuple[str, Callable[[], Any]]] = []
+        self._pending: dict[str, int] = {}
+        self._failures: dict[str, BaseException] = {}
+        self._timer: asyncio.Handle | None = None
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._jobs)
+
+    def submit(self, client: str, function: Callable[[], Any]) -> None:
+        """Queue ``function`` (call on the loop); it runs in the loop's next iteration."""
+        self._jobs.append((client, function))
+        self._pending[client] = self._pending.get(client, 0) + 1
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_soon(self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.run()
+
+    def run(self) -> None:
+        """Run every queued job now, on this thread, in one transaction."""
+        jobs, self._jobs, self._pending = self._jobs, [], {}
+        if not jobs:
+            return
+        try:
+            with self._transaction():
+                for client, function in jobs:
+                    try:
+                        with self._transaction():  # a savepoint: a failing job undoes only its own writes
+                            function()
+                    except Exception as error:  # noqa: BLE001 (kept for the client's next request)
+                        log.error("detection failed for client %s", client, exc_info=error)
+                        self._failures[client] = error
+        except Exception as error:  # noqa: BLE001 (the commit failed: no job's writes are stored)
+            log.error("detection batch failed to commit", exc_info=error)
+            for client, _ in jobs:
+                self._failures.setdefault(client, error)
+
+    def settle(self, client: str) -> None:
+        """Run the queue if ``client`` has a job in it; raise (once) a failure of its earlier jobs."""
+        if self._pending.get(client):
+            self.run()
+        failure = self._failures.pop(client, None)
+        if failure is not None:
+            raise failure
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.run()

@@ -21,7 +21,7 @@ from gateway.auth import Client
 from gateway.backends import Backend
 from gateway.config import ModelConfig
 from detectors.base import QueryBatch
-from gateway.deferred import DetectionWorker
+from gateway.deferred import DetectionWorker, LoopDetection
 from gateway.errors import GatewayError, ModelNotFound, Unavailable
 from gateway.metrics import GatewayMetrics
 from gateway.protection import ModelProtection
@@ -72,6 +72,9 @@ class DataPlane:
         transaction: Callable[[], ContextManager[Any]] | None = getattr(store, "transaction", None)
         self._detection = DetectionWorker(shards=1 if transaction else 4, transaction=transaction or nullcontext,
                                           thread_init=_one_native_thread)
+        # Stores that never wait on a network (memory, sqlite) run deferred detection on the
+        # loop itself, right after the answer is on its way; redis on the worker above.
+        self._on_loop = LoopDetection(transaction or nullcontext) if getattr(store, "local", True) else None
 
     async def start(self) -> None:
         """Start every backend, in parallel."""
@@ -80,6 +83,8 @@ class DataPlane:
     async def close(self) -> None:
         """Release backends; called once serving has stopped."""
         await asyncio.gather(*(model.backend.close() for model in self.models.values()))
+        if self._on_loop is not None:
+            self._on_loop.close()
         await asyncio.get_running_loop().run_in_executor(None, self._detection.close)
 
     def model(self, name: str, version: str = "") -> ServedModel:
@@ -174,7 +179,10 @@ class DataPlane:
         if snapshot is None:  # reset by an operator meanwhile, or a block to re-check
             snapshot = await self._in_order(client, lambda: protection.snapshot(client.id))
         protection.refuse_blocked(client, snapshot)
-        self._detection.submit(client.id, lambda: protection.observe(client, batch))
+        if self._on_loop is not None:
+            self._on_loop.submit(client.id, lambda: protection.observe(client, batch))
+        else:
+            self._detection.submit(client.id, lambda: protection.observe(client, batch))
         outputs, marked = protection.defend(client, batch, snapshot)
         if marked is not None:  # the evidence is durable before the answer leaves
             await self._in_order(client, lambda: protection.keep_evidence(client, marked))
@@ -182,6 +190,8 @@ class DataPlane:
 
     async def _settled(self, client: Client) -> None:
         try:
+            if self._on_loop is not None:
+                self._on_loop.settle(client.id)
             await self._detection.settled(client.id)
         except STORE_ERRORS as error:
             raise Unavailable("the state store is unavailable; try again") from error
@@ -196,10 +206,14 @@ class DataPlane:
 
     async def settle(self) -> None:
         """Wait until the detection of every request answered so far is stored (admin reads)."""
+        if self._on_loop is not None:
+            self._on_loop.run()
         await self._detection.drain()
 
     async def for_client(self, client: str, function: Callable[[], T]) -> T:
         """Run ``function`` after ``client``'s queued detection (admin actions on one client)."""
+        if self._on_loop is not None:
+            self._on_loop.run()
         return await self._detection.call(client, function)
 
     def _stage(self, stage: str, model: str, started: float) -> None:

@@ -48,6 +48,9 @@ def client_prefix(model: str, client: str) -> str:
 class StateStore(Protocol):
     """Durable per-client state; see the module docstring for the value kinds."""
 
+    #: True when no call waits on a network (the gateway may call it on its event loop).
+    local: bool
+
     def set_bits(self, key: str, positions: np.ndarray, total_bits: int, segment_bits: int) -> np.ndarray:
         """Set ``positions`` (int64 [n], each in [0, total_bits)) and return the number of set bits
         in each segment: int64 [total_bits // segment_bits]. Creates the bitmap when absent."""

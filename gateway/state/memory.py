@@ -17,6 +17,8 @@ from gateway.state.base import STATE_STORES, packed_with_bits, segment_counts
 class MemoryStore:
     """Everything in dicts behind one lock; nothing survives the process."""
 
+    local = True  # calls never wait on a network: the event loop may make them
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._bitmaps: dict[str, np.ndarray] = {}

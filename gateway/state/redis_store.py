@@ -94,6 +94,8 @@ def _glob_escape(text: str) -> str:
 class RedisStore:
     """The state store in Redis; see the module docstring for the key layout and atomicity."""
 
+    local = False  # every call is a network round trip: kept off the event loop
+
     def __init__(self, url: str, prefix: str, socket_timeout: float) -> None:
         self.url = _redacted(url)
         self.prefix = prefix

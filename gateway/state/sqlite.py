@@ -65,6 +65,11 @@ def _glob(prefix: str) -> str:
 class SqliteStore:
     """The state store in one SQLite file; see the module docstring for durability and locking."""
 
+    # Calls never wait on a network, and with the write-back cache a request's detection is a few
+    # microseconds of SQL per batch: the event loop may make them (a file shared with another
+    # process can make BEGIN wait up to busy_timeout_ms; share state between processes with redis).
+    local = True
+
     def __init__(self, path: Path, busy_timeout_ms: int, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.path = path
         self._busy_timeout_ms = busy_timeout_ms
