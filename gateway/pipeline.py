@@ -62,6 +62,7 @@ class DataPlane:
         self._metrics = metrics
         self._clock = clock
         self.traffic: defaultdict[str, ClientTraffic] = defaultdict(ClientTraffic)
+        self._in_flight = 0  # requests being answered now (on the loop: no lock)
         # Batches up to this many rows are answered first and detected after (deferred); larger
         # ones are detected before their answer, so one big batch cannot pass unjudged.
         self._deferred_max_rows = deferred_max_rows
@@ -112,11 +113,14 @@ class DataPlane:
     async def infer(self, client: Client, request: InferRequest, deadline: float | None) -> InferResponse:
         """Answer ``request`` for ``client``; raises a ``GatewayError`` on any refusal."""
         traffic = self.traffic[client.id]
+        self._in_flight += 1
         try:
             response = await self._infer(client, request, deadline)
         except GatewayError:
             traffic.errors += 1
             raise
+        finally:
+            self._in_flight -= 1
         traffic.requests += 1
         return response
 
@@ -180,7 +184,7 @@ class DataPlane:
             snapshot = await self._in_order(client, lambda: protection.snapshot(client.id))
         protection.refuse_blocked(client, snapshot)
         if self._on_loop is not None:
-            self._on_loop.submit(client.id, lambda: protection.observe(client, batch))
+            self._on_loop.submit(client.id, lambda: protection.observe(client, batch), busy=self._in_flight > 1)
         else:
             self._detection.submit(client.id, lambda: protection.observe(client, batch))
         outputs, marked = protection.defend(client, batch, snapshot)
