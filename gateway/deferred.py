@@ -34,7 +34,7 @@ from typing import Any, ContextManager, TypeVar
 T = TypeVar("T")
 log = logging.getLogger("moat.detection")
 MAX_BATCH_JOBS = 64  # jobs per transaction: bounds how long a commit can be delayed
-BATCH_SECONDS = float(__import__("os").environ.get("MOAT_BI", "0.003"))
+BATCH_SECONDS = 0.003  # while other requests are in flight, loop detection gathers jobs this long
 
 
 @dataclass

@@ -97,3 +97,29 @@ def test_close_runs_what_is_queued() -> None:
 def test_shards_must_be_positive() -> None:
     with pytest.raises(ValueError, match="shards must be >= 1, got 0"):
         DetectionWorker(shards=0)
+
+
+def test_loop_detection_runs_in_order_once_the_answer_left_and_reports_failures_once() -> None:
+    from gateway.deferred import LoopDetection
+
+    async def scenario() -> None:
+        detection = LoopDetection()
+        seen: list[tuple[str, int]] = []
+        for i in range(3):
+            detection.submit("alice", lambda i=i: seen.append(("alice", i)))
+        assert seen == [] and detection.pending  # nothing runs until the loop's next iteration
+        await asyncio.sleep(0)
+        assert seen == [("alice", 0), ("alice", 1), ("alice", 2)] and not detection.pending
+
+        detection.submit("bob", lambda: (_ for _ in ()).throw(ConnectionError("store went away")), busy=True)
+        detection.submit("carol", lambda: seen.append(("carol", 0)), busy=True)
+        await asyncio.sleep(0)
+        assert detection.pending  # busy: gathered for a few milliseconds
+        detection.settle("carol")  # carol's next request runs the queue now
+        assert seen[-1] == ("carol", 0) and not detection.pending
+        with pytest.raises(ConnectionError, match="store went away"):
+            detection.settle("bob")
+        detection.settle("bob")  # reported once
+        detection.close()
+
+    asyncio.run(scenario())
