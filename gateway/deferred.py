@@ -1,22 +1,27 @@
-"""Per-client ordered deferred work: the protect stage's detection and state writes.
+"""Deferred detection: a small request is answered first and detected right after, in order.
 
-The gateway answers a small request with the defenses the client's state called for *before*
-it (the state after all its earlier requests), then records the request's own detection here,
-after the answer has left: detection no longer sits on the request's latency (``moat bench``:
-the protect stage, ~0.3–0.5 ms of Python and ~25 store statements, plus two thread-pool hops,
-was most of what full protection added). Ordering keeps the result what inline detection would
-give one request later:
+The gateway answers a request of at most ``server.deferred_max_rows`` rows with the defenses its
+client's standing called for *before* it (the state all its earlier requests left), then records
+the request's own detection after the answer has left: detection no longer sits on the request's
+latency (``moat bench``: the protect stage, ~0.3–0.5 ms of Python and ~25 store statements, plus
+two thread-pool hops, was most of what full protection added). Ordering keeps the result what
+inline detection would give one request later, deterministically:
 
-- jobs of one client run in submission order (a client always maps to the same shard, and a
-  shard is one thread with a FIFO queue);
-- :meth:`DetectionWorker.settled` waits until every job submitted for a client has run, so a
-  request's defenses always see the state its predecessors left (deterministic, whatever the
-  timing);
-- a shard runs the jobs it finds queued in one store transaction (each job in a savepoint of
-  its own where the store has them): one commit per batch instead of one per request.
+- jobs of one client run in submission order;
+- before a request's defenses, the client's queued jobs have run (:meth:`LoopDetection.settle`,
+  :meth:`DetectionWorker.settled`), so its answer reflects every earlier request;
+- queued jobs run a batch per store transaction, each in a savepoint: one commit per batch.
 
-A job that fails is logged and reported to the client's next request (UNAVAILABLE when the
-store failed), so a store outage still reaches clients instead of silently skipping detection.
+Two runners. :class:`LoopDetection` runs jobs on the event loop's thread, for stores whose calls
+never wait on a network (memory; sqlite with its write-back cache): no second thread contends for
+the GIL. :class:`DetectionWorker` runs them on threads (sharded by client), for redis, whose round
+trips must stay off the loop; it also runs the store calls that must finish before an answer
+leaves (evidence, a first look-up of a client, big batches judged inline).
+
+A job that fails is logged and reported to the client's next request (UNAVAILABLE when the store
+failed), so a store outage still reaches clients instead of silently skipping detection. What a
+``kill -9`` can lose: the detection of answers sent in the last few milliseconds (at most one
+request per client: its next request waits for it); watermark evidence is always written first.
 """
 
 from __future__ import annotations
