@@ -1,8 +1,10 @@
 """The data plane: everything a request goes through, independent of the transport.
 
-The gRPC servicer decodes a message, calls :meth:`DataPlane.infer` and encodes the answer.
-This issue's pipeline is auth (done by the caller), validation and the backend; detection,
-defenses and watermarks slot in after the backend.
+The gRPC servicer decodes a message, calls :meth:`DataPlane.infer` and encodes the answer. A
+request goes through validation, admission (the client's cached standing), the backend, then the
+protect stage: defenses and the watermark on the client's standing, and detection of the request
+itself right after (deferred, :mod:`gateway.deferred`) or, for batches over ``deferred_max_rows``,
+before the answer.
 """
 
 from __future__ import annotations
@@ -66,10 +68,11 @@ class DataPlane:
         # Batches up to this many rows are answered first and detected after (deferred); larger
         # ones are detected before their answer, so one big batch cannot pass unjudged.
         self._deferred_max_rows = deferred_max_rows
-        # The state store is synchronous: detection runs on these threads, in order per client,
-        # a batch of requests per store transaction where the store has them (sqlite: one commit
-        # per batch instead of one per request). Stores without transactions (redis, memory) get
-        # more shards, so that their round trips overlap.
+        # The state store is synchronous. These threads run the store calls an answer must wait
+        # for (evidence, a first look-up of a client, big batches judged inline) and, for stores
+        # that wait on a network (redis), deferred detection too: in order per client, a batch of
+        # requests per transaction where the store has them, more shards where it has none (so
+        # that round trips overlap).
         transaction: Callable[[], ContextManager[Any]] | None = getattr(store, "transaction", None)
         self._detection = DetectionWorker(shards=1 if transaction else 4, transaction=transaction or nullcontext,
                                           thread_init=_one_native_thread)
