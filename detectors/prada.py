@@ -107,7 +107,7 @@ class PradaDetector:
         groups = self._groups(batch)
         fields = self.store.get_fields(keys.stats)
         updates: dict[str, float] = {}
-        for group in np.unique(groups):
+        for group in (groups[:1] if len(groups) == 1 else np.unique(groups)):  # most requests are one query
             updates.update(self._observe_group(keys, int(group), points[groups == group], fields))
         queries = self.store.incr(keys.stats, {"queries": len(points)})["queries"]
         if queries >= float(fields.get("next_test", self.test_every)):
@@ -224,6 +224,8 @@ def _nearest_distances(stored: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def _pairwise_distances(x: np.ndarray) -> np.ndarray:
     """L2 distances between the rows of x float32 [m, D]: float64 [m, m]."""
+    if len(x) == 1:
+        return np.zeros((1, 1))
     x64 = x.astype(np.float64)
     norms = np.einsum("ij,ij->i", x64, x64)
     squared = norms[:, None] + norms[None, :] - 2.0 * (x64 @ x64.T)

@@ -149,4 +149,3 @@ def test_the_cache_evicts_beyond_its_bound_and_still_answers(tmp_path: Path) -> 
     with store.transaction():
         assert [int(store.count_bits(f"m/c{i}/bits", TOTAL * 8, SEG).sum()) for i in range(50)] == [1] * 50
     store.close()
-
