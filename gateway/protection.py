@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +40,7 @@ from gateway.tiers import TierComponents, build_tier
 
 STATUSES = ("ok", "flagged", "throttled", "blocked")
 RECHECK_SECONDS = 1.0  # a cached block or throttle is re-read from the store after this long
+MAX_SNAPSHOTS = 100_000  # clients whose standing a model keeps in memory (~100 MB)
 log = logging.getLogger("moat.watermark")
 
 
@@ -125,7 +126,8 @@ class ModelProtection:
         self._buckets: dict[str, TokenBucket] = {}
         self._statuses: dict[str, str] = {}
         self._status_counts = {s: 0 for s in STATUSES[1:]}  # clients per non-ok status, for the gauge
-        self._snapshots: dict[str, Snapshot] = {}  # this process's view of each client's standing
+        # This process's view of each client's standing, least recently updated first (~1 KB each).
+        self._snapshots: OrderedDict[str, Snapshot] = OrderedDict()
         self._children = _MetricChildren(metrics, config)
 
     def _status_key(self, client: str) -> str:
@@ -158,7 +160,11 @@ class ModelProtection:
     def _remember(self, client: str, status: str, verdicts: Mapping[str, Verdict]) -> Snapshot:
         suspicion = max((v.score for v in verdicts.values()), default=0.0)
         snapshot = Snapshot(status=status, suspicion=suspicion, verdicts=dict(verdicts), taken=self._clock())
-        self._snapshots[client] = snapshot
+        with self._guard:
+            self._snapshots[client] = snapshot
+            self._snapshots.move_to_end(client)
+            if len(self._snapshots) > MAX_SNAPSHOTS:  # an evicted client is read from the store again
+                self._snapshots.popitem(last=False)
         return snapshot
 
     def admit(self, caller: Client, snapshot: Snapshot | None) -> None:

@@ -35,3 +35,25 @@ def test_flagged_count_rises_with_a_thief_and_falls_on_reset() -> None:
     protection.reset("thief")
     protection.protect(Client("honest-0"), batch(1))  # the gauge is refreshed with the next request
     assert _gauge(protection, "flagged") == 0
+
+
+def test_evicted_standing_is_read_back_from_the_store(monkeypatch) -> None:
+    import gateway.protection
+
+    monkeypatch.setattr(gateway.protection, "MAX_SNAPSHOTS", 2)
+    protection = demo_protection("fashion-encoder", create_store("memory", {}))
+    rng = np.random.default_rng(0)
+    image = np.zeros((1, 1, 28, 28), np.float32)
+
+    def batch(n: int) -> QueryBatch:
+        return QueryBatch("fashion-encoder", "encoder", np.broadcast_to(image, (n, 1, 28, 28)),
+                          rng.standard_normal((n, 128)).astype(np.float32))
+
+    thief = protection.observe(Client("thief"), batch(6000))
+    assert thief.status == "flagged"
+    for i in range(3):  # push the thief out of the two-client memory
+        protection.observe(Client(f"honest-{i}"), batch(1))
+    assert protection.cached("thief") is None
+    again = protection.snapshot("thief")  # from the store: status and the detectors' figures
+    assert again.status == "flagged"
+    assert again.verdicts["coverage"].figures["coverage"] == thief.verdicts["coverage"].figures["coverage"]
