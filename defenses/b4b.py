@@ -148,21 +148,27 @@ class B4B:
         """LSH codes of answer rows: float [B, D] -> uint64 [B], the signs against ``code_bits`` keyed
         random hyperplanes through the origin (angular LSH), so nearby answers share a code."""
         x = np.asarray(outputs, dtype=np.float64)
-        planes = self._hyperplanes(x.shape[1])
-        bits = (x @ planes) > 0.0
-        weights = np.left_shift(np.uint64(1), np.arange(self.code_bits, dtype=np.uint64))
-        return (bits.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+        bits = (x @ self._hyperplanes(x.shape[1])) > 0.0  # bool [B, code_bits]
+        # Bit j of a code is hyperplane j's sign: the bits packed little-endian into 8 bytes, read
+        # as one little-endian uint64 (a third of the multiply-and-sum's time per request).
+        packed = np.zeros((len(x), 8), np.uint8)
+        packed[:, :(self.code_bits + 7) // 8] = np.packbits(bits, axis=1, bitorder="little")
+        return packed.view("<u8")[:, 0].astype(np.uint64)
 
     def noise(self, outputs: np.ndarray, client: str) -> np.ndarray:
         """Unit-variance noise float64 [B, D] for answer rows ``outputs`` [B, D]: row i is a standard
         normal vector seeded by HMAC(secret, client, code_i), so rows sharing a code share the noise."""
         x = np.asarray(outputs)
         codes = self.codes(x)
+        if len(codes) == 1:  # most requests: one row, no grouping by code
+            return _rng(self._noise_seed(client, int(codes[0]))).standard_normal(x.shape[1])[None]
         out = np.empty(x.shape, dtype=np.float64)
         for code in np.unique(codes):
-            seed = _keyed_digest(self._secret, b"b4b/noise", client.encode(), int(code).to_bytes(8, "big"))
-            out[codes == code] = _rng(seed).standard_normal(x.shape[1])
+            out[codes == code] = _rng(self._noise_seed(client, int(code))).standard_normal(x.shape[1])
         return out
+
+    def _noise_seed(self, client: str, code: int) -> bytes:
+        return _keyed_digest(self._secret, b"b4b/noise", client.encode(), code.to_bytes(8, "big"))
 
     def apply(self, outputs: np.ndarray, context: DefenseContext) -> np.ndarray:
         """Noisy, transformed answer: float32 [B, D] in, float32 [B, D] out (input left untouched)."""

@@ -120,3 +120,20 @@ def test_each_clients_linear_probe_loses_nothing(encoder: torch.jit.ScriptModule
         report.append(f"{client} {acc:.4f}")
         assert abs(acc - base) <= 0.005
     print("linear probe accuracy: " + ", ".join(report))
+
+
+@pytest.mark.parametrize("code_bits", [1, 7, 16, 33, 64])
+def test_codes_are_the_sum_of_the_hyperplane_signs_bits(code_bits: int) -> None:
+    defense = create_defense("b4b", {"code_bits": code_bits}, kind="encoder", secret=b"s" * 32)
+    x = np.random.default_rng(code_bits).standard_normal((50, 24))
+    bits = (x @ defense._hyperplanes(24)) > 0
+    expected = [sum(1 << j for j in range(code_bits) if row[j]) for row in bits]
+    assert [int(c) for c in defense.codes(x)] == expected
+
+
+def test_one_row_gets_the_noise_it_gets_in_a_batch() -> None:
+    defense = create_defense("b4b", {}, kind="encoder", secret=b"s" * 32)
+    x = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
+    together = defense.noise(x, "alice")
+    for i in range(5):
+        np.testing.assert_array_equal(defense.noise(x[i:i + 1], "alice"), together[i:i + 1])
