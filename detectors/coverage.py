@@ -13,7 +13,6 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-import faiss
 import numpy as np
 
 from detectors.base import DETECTORS, ModelKind, QueryBatch, Verdict
@@ -30,36 +29,41 @@ def seed_sequence(seed: int, *parts: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(seed) % (1 << 128), *parts])
 
 
-def fixed_transform(matrix: np.ndarray) -> faiss.LinearTransform:
-    """A trained ``faiss.LinearTransform`` computing ``x @ matrix.T`` for float32 ``matrix`` [out, in]."""
-    rows, cols = matrix.shape
-    transform = faiss.LinearTransform(int(cols), int(rows), False)
-    faiss.copy_array_to_vector(np.ascontiguousarray(matrix, dtype=np.float32).ravel(), transform.A)
-    transform.is_trained = True
-    return transform
+class FixedProjection:
+    """``x @ matrix.T`` for a fixed float32 ``matrix`` [out, in], by numpy's BLAS.
+
+    ``faiss.LinearTransform`` was used before and measured ~3x slower for the gateway's one-row
+    requests (784 -> 240: 55 us against 15 us; 32 rows: 500 against 190 us)."""
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        self._transposed = np.ascontiguousarray(np.asarray(matrix, dtype=np.float32).T)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """float32 [n, in] -> float32 [n, out]."""
+        return np.asarray(x, dtype=np.float32) @ self._transposed
 
 
 class LSHHasher:
     """T tables of b random Gaussian hyperplanes through the origin for one input dimension.
 
-    The T * b hyperplanes form one float32 matrix [T*b, d] applied by a ``faiss.LinearTransform``
-    (one BLAS sgemm for the whole batch and all tables). ``faiss.IndexLSH`` was rejected: its
-    rotation is seeded with a constant inside FAISS (every deployment would share hyperplanes,
-    and T tables would need T indexes), its rows are orthonormalised rather than Gaussian as in
-    B4B, and its packed codes put a 12-bit bucket across byte boundaries.
+    The T * b hyperplanes form one float32 matrix [T*b, d] (one BLAS sgemm for the whole batch and
+    all tables). ``faiss.IndexLSH`` was rejected: its rotation is seeded with a constant inside
+    FAISS (every deployment would share hyperplanes, and T tables would need T indexes), its rows
+    are orthonormalised rather than Gaussian as in B4B, and its packed codes put a 12-bit bucket
+    across byte boundaries.
     """
 
     def __init__(self, dim: int, tables: int, bits: int, seed: int) -> None:
         self.dim, self.tables, self.bits = dim, tables, bits
         rng = np.random.default_rng(seed_sequence(seed, 0xB4B, dim, tables, bits))
         planes = rng.standard_normal((tables * bits, dim)).astype(np.float32)
-        self._transform = fixed_transform(planes)
+        self._transform = FixedProjection(planes)
         # Bit j of a bucket is the sign of the j-th hyperplane of the table.
         self._weights = (1 << np.arange(bits, dtype=np.int64))
 
     def buckets(self, x: np.ndarray) -> np.ndarray:
         """Bucket of each vector in each table: float32 [n, dim] -> int64 [n, tables] in [0, 2^bits)."""
-        projected = self._transform.apply(np.ascontiguousarray(x, dtype=np.float32))
+        projected = self._transform.apply(x)
         signs = (projected > 0).reshape(len(x), self.tables, self.bits).astype(np.int64)
         return signs @ self._weights
 

@@ -18,7 +18,7 @@ import numpy as np
 from scipy import stats
 
 from detectors.base import DETECTORS, ModelKind, QueryBatch, Verdict
-from detectors.coverage import fixed_transform, seed_sequence
+from detectors.coverage import FixedProjection, seed_sequence
 from gateway.params import ParamError, check_keys, number
 from gateway.state.base import StateStore, client_key
 
@@ -96,7 +96,7 @@ class PradaDetector:
             raise ParamError("kind", f"must be classifier or encoder, got {kind!r}")
         self.kind, self.store, self.seed = kind, store, int(seed)
         # Projections are a pure function of (seed, input dim): a cache, not client state.
-        self._projections: dict[int, faiss.LinearTransform] = {}
+        self._projections: dict[int, FixedProjection] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ contract
@@ -206,7 +206,7 @@ class PradaDetector:
                     rng = np.random.default_rng(seed_sequence(self.seed, 0x9ADA, dim, self.projection_dim))
                     # Scaled by 1/sqrt(k) so projected L2 distances estimate the pixel-space ones.
                     matrix = rng.standard_normal((self.projection_dim, dim)) / np.sqrt(self.projection_dim)
-                    projection = fixed_transform(matrix.astype(np.float32))
+                    projection = FixedProjection(matrix)
                     self._projections[dim] = projection
         return projection.apply(flat)
 
