@@ -389,7 +389,10 @@ def create_sqlite(params: Mapping[str, Any], where: str) -> SqliteStore:
 def _trim_chunks(conn: sqlite3.Connection, key: str, dim: int, cutoff: int) -> None:
     """Drop rows with index < ``cutoff``: whole chunks, and the head of the chunk that straddles it."""
     row_bytes = 4 * dim
-    conn.execute("DELETE FROM rows WHERE key = ? AND seq + length(data) / ? <= ?", (key, row_bytes, cutoff))
+    # ``seq < cutoff`` holds for every chunk to drop and bounds the scan of the (key, seq) index to
+    # them: without it each trim read every chunk of the window (~25 us per request for PRADA).
+    conn.execute("DELETE FROM rows WHERE key = ? AND seq < ? AND seq + length(data) / ? <= ?",
+                 (key, cutoff, row_bytes, cutoff))
     straddling = conn.execute("SELECT seq, data FROM rows WHERE key = ? AND seq < ?", (key, cutoff)).fetchone()
     if straddling is not None:
         seq, data = straddling

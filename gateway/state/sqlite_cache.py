@@ -272,7 +272,9 @@ def _write_windows(conn: sqlite3.Connection, windows: list[tuple[str, _Rows]]) -
         trimmed.append((key, 4 * w.dim, first))  # type: ignore[operator]
     conn.executemany("INSERT INTO rows (key, seq, data) VALUES (?, ?, ?) ON CONFLICT (key, seq) "
                      "DO UPDATE SET data = excluded.data", appended)
-    conn.executemany("DELETE FROM rows WHERE key = ? AND seq + length(data) / ? <= ?", trimmed)
+    # ``seq < first`` bounds the index scan to the chunks that slid out (see sqlite._trim_chunks).
+    conn.executemany("DELETE FROM rows WHERE key = ? AND seq < ? AND seq + length(data) / ? <= ?",
+                     [(key, first, row_bytes, first) for key, row_bytes, first in trimmed])
     conn.executemany("UPDATE rows SET data = substr(data, (? - seq) * ? + 1), seq = ? WHERE key = ? AND seq < ?",
                      [(first, row_bytes, first, key, first) for key, row_bytes, first in trimmed])
     conn.executemany("INSERT INTO row_sets (key, dim, next_seq) VALUES (?, ?, ?) ON CONFLICT (key) "
