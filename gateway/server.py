@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
+from threadpoolctl import threadpool_limits
 
 from gateway import admin, servicer
 from gateway.admin import AdminServicer
@@ -212,4 +213,9 @@ def build_gateway(config: GatewayConfig, registry: CollectorRegistry | None = No
     # Detectors search tiny indexes per request; FAISS's OpenMP threads only contend with the
     # event loop and each other (measured: 30-100x slower single queries on 2 busy cores).
     faiss.omp_set_num_threads(1)
-    return Gateway(config, registry)
+    gateway = Gateway(config, registry)
+    # The same for the BLAS of numpy and scipy (detectors' projections, PRADA's test): its
+    # threads spin-wait between one-row products and take a busy host's cores from the model
+    # server (measured: ~10% more CPU per protected request). Torch's OpenMP pool is left alone.
+    threadpool_limits(limits=1, user_api="blas")
+    return gateway

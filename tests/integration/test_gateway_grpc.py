@@ -158,6 +158,16 @@ async def test_message_over_the_limit_is_resource_exhausted(make_gateway: Gatewa
     assert _probabilities(await client.ModelInfer(_image_request(), metadata=ALICE)).shape == (2, 3)
 
 
+async def test_gateway_runs_numpy_blas_on_one_thread(make_gateway: GatewayFactory, tiny_torchscript: Path) -> None:
+    """Detectors make one-row products: OpenBLAS threads would only spin on the host's cores."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    with threadpool_limits(limits=2, user_api="blas"):  # as a fresh process has them on two cores
+        await make_gateway([embedded_model("tiny", tiny_torchscript)])
+        blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    assert blas and set(blas) == {1}
+
+
 async def test_unexpected_errors_become_internal_without_details(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     backend = tiny.plane.models["tiny"].backend
 
