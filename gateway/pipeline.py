@@ -22,6 +22,7 @@ import numpy as np
 from gateway.auth import Client
 from gateway.backends import Backend
 from gateway.config import ModelConfig
+from defenses.watermark import Marked
 from detectors.base import QueryBatch
 from gateway.deferred import DetectionWorker, LoopDetection
 from gateway.errors import GatewayError, ModelNotFound, Unavailable
@@ -69,15 +70,16 @@ class DataPlane:
         # ones are detected before their answer, so one big batch cannot pass unjudged.
         self._deferred_max_rows = deferred_max_rows
         # The state store is synchronous. These threads run the store calls an answer must wait
-        # for (evidence, a first look-up of a client, big batches judged inline) and, for stores
-        # that wait on a network (redis), deferred detection too: in order per client, a batch of
+        # for (a first look-up of a client, big batches judged inline) and, for stores that wait
+        # on a network (redis), evidence and deferred detection too: in order per client, a batch of
         # requests per transaction where the store has them, more shards where it has none (so
         # that round trips overlap).
         transaction: Callable[[], ContextManager[Any]] | None = getattr(store, "transaction", None)
         self._detection = DetectionWorker(shards=1 if transaction else 4, transaction=transaction or nullcontext,
                                           thread_init=_one_native_thread)
         # Stores that never wait on a network (memory, sqlite) run deferred detection on the
-        # loop itself, right after the answer is on its way; redis on the worker above.
+        # loop itself, right after the answer is on its way, and write evidence there before it
+        # leaves; redis on the worker above.
         self._on_loop = LoopDetection(transaction or nullcontext) if getattr(store, "local", True) else None
 
     async def start(self) -> None:
@@ -192,8 +194,18 @@ class DataPlane:
             self._detection.submit(client.id, lambda: protection.observe(client, batch))
         outputs, marked = protection.defend(client, batch, snapshot)
         if marked is not None:  # the evidence is durable before the answer leaves
-            await self._in_order(client, lambda: protection.keep_evidence(client, marked))
+            await self._keep_evidence(protection, client, marked)
         return outputs
+
+    async def _keep_evidence(self, protection: ModelProtection, client: Client, marked: Marked) -> None:
+        if self._on_loop is None:
+            await self._in_order(client, lambda: protection.keep_evidence(client, marked))
+            return
+        await self._settled(client)
+        try:  # a local store: on the loop's own connection (see LoopDetection.call)
+            self._on_loop.call(client.id, lambda: protection.keep_evidence(client, marked))
+        except STORE_ERRORS as error:
+            raise Unavailable("the state store is unavailable; try again") from error
 
     async def _settled(self, client: Client) -> None:
         try:

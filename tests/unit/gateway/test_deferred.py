@@ -1,4 +1,4 @@
-"""DetectionWorker: per-client order, waiting for a client's queued work, failures reported once."""
+"""DetectionWorker and LoopDetection: per-client order, waiting for a client's queued work, failures reported once."""
 
 from __future__ import annotations
 
@@ -123,3 +123,43 @@ def test_loop_detection_runs_in_order_once_the_answer_left_and_reports_failures_
         detection.close()
 
     asyncio.run(scenario())
+
+
+def test_loop_call_runs_after_the_clients_jobs_and_keeps_the_loops_cache(tmp_path: Path) -> None:
+    """Evidence written with LoopDetection.call is committed when it returns, comes after the
+    client's queued detection, and (being the loop's own connection) leaves its write-back cache
+    valid, where a commit by another thread's connection makes the next batch reload from SQL."""
+    from gateway.deferred import LoopDetection
+
+    store = create_store("sqlite", {"path": str(tmp_path / "s.db")})
+    statements: list[str] = []
+
+    async def scenario() -> None:
+        detection = LoopDetection(store.transaction)  # type: ignore[attr-defined]
+        store._conn().set_trace_callback(statements.append)  # type: ignore[attr-defined]  # this thread's
+        detection.submit("alice", lambda: store.incr("m/alice/status", {"queries": 1}))
+        record = detection.call("alice", lambda: (store.get_fields("m/alice/status"),
+                                                  store.append_record("m/alice/evidence", {"n": 1})))
+        assert record == ({"queries": 1.0}, 1)  # alice's queued job ran first
+        reads: list[object] = []
+        other = threading.Thread(target=lambda: reads.append(store.read_records("m/alice/evidence")))
+        other.start()
+        other.join()
+        assert reads == [[(1, {"n": 1})]]  # committed, visible to another connection
+
+        statements.clear()
+        detection.submit("alice", lambda: store.incr("m/alice/status", {"queries": 1}))
+        detection.run()
+        assert not any(s.startswith("SELECT") and "hashes" in s for s in statements)  # still cached
+
+        writer = threading.Thread(target=lambda: store.append_record("m/bob/evidence", {"n": 1}))
+        writer.start()
+        writer.join()
+        statements.clear()
+        detection.submit("alice", lambda: store.incr("m/alice/status", {"queries": 1}))
+        detection.run()
+        assert any(s.startswith("SELECT") and "hashes" in s for s in statements)  # dropped, reloaded
+        assert store.get_fields("m/alice/status") == {"queries": 3.0}
+
+    asyncio.run(scenario())
+    store.close()
