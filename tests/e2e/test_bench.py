@@ -30,7 +30,8 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
     timed = [r for r in results if r["bytes_per_client"] is None]
     assert all(r["p50_ms"] > 0 and r["p99_ms"] >= r["p50_ms"] and r["throughput_rps"] > 0 for r in timed)
     detectors = {r["contender"] for r in results if r["scenario"] == "detectors"}
-    assert {"prada", "coverage", "b4b", "misinformation", "protect"} <= detectors
+    assert {"prada", "coverage", "b4b[ok]", "b4b[flagged]", "misinformation[ok]", "misinformation[flagged]",
+            "watermark:dawn[flagged]", "protect"} <= detectors
     assert {r["history"] for r in results if r["scenario"] == "detectors" and r["history"]} == {100, 1000}
     sizes = {r["store"]: r["bytes_per_client"] for r in results if r["bytes_per_client"] is not None}
     assert set(sizes) == {"sqlite", "redis"} and all(size > 0 for size in sizes.values())
