@@ -1,11 +1,11 @@
 """The protect stage of one model: admission, detection, the policy, and defenses.
 
-Detection (:meth:`ModelProtection.detect`) touches the state store and runs off the event loop: on
-the detection worker or in the detection process (:mod:`gateway.deferred`,
-:mod:`gateway.detection_process`). Per client, detection and the policy run under a lock and in
-order, so concurrent requests of one client update its state one after the other in this replica;
-across replicas each store operation is atomic on its own. Defenses (:meth:`ModelProtection.defend`)
-are pure numpy on the client's last standing (:class:`Snapshot`).
+Detection (:meth:`ModelProtection.detect`) touches the state store; the data plane runs it after
+the answer, on the event loop for local stores and on the detection worker's threads for redis
+(:mod:`gateway.deferred`). Per client, detection and the policy run under a lock and in order, so
+concurrent requests of one client update its state one after the other in this replica; across
+replicas each store operation is atomic on its own. Defenses (:meth:`ModelProtection.defend`) are
+pure numpy on the client's last standing (:class:`Snapshot`).
 
 The policy reads the detectors' combined suspicion (the max of their scores, in [0, 1]) against
 the model's thresholds: ``flag_at`` flags the client (defenses that act on flagged clients
@@ -210,8 +210,8 @@ class ModelProtection:
         return self.account(observed)
 
     def detect(self, caller: Client, batch: QueryBatch) -> Observed | None:
-        """The store side of :meth:`observe` (None for a trusted tier): detectors, policy, alerts.
-        The detection process runs this; the gateway process then calls :meth:`account`."""
+        """The store side of :meth:`observe` (None for a trusted tier): detectors, policy, alerts;
+        :meth:`account` then updates this process's metrics and view of the client."""
         components, client = self.tiers[caller.tier], caller.id
         if components.trusted:
             return None
@@ -226,8 +226,8 @@ class ModelProtection:
                             alerts=alerts, seconds=self._clock() - started)
 
     def account(self, observed: Observed) -> Snapshot:
-        """Metrics and this process's view of the client after :meth:`detect` (here or in the
-        detection process): status counts, suspicion and coverage histograms, alerts, policy actions."""
+        """Metrics and this process's view of the client after :meth:`detect`: status counts,
+        suspicion and coverage histograms, alerts, policy actions."""
         self._account(observed.client, observed.before, observed.status, observed.verdicts, observed.suspicion)
         for detector in observed.alerts:
             self._metrics.alerts.labels(model=self.config.name, detector=detector).inc()
