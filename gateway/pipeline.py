@@ -19,11 +19,11 @@ from typing import Any, ContextManager, TypeVar, cast
 
 import numpy as np
 
+from defenses.watermark import Marked
+from detectors.base import QueryBatch
 from gateway.auth import Client
 from gateway.backends import Backend
 from gateway.config import ModelConfig
-from defenses.watermark import Marked
-from detectors.base import QueryBatch
 from gateway.deferred import DetectionWorker, LoopDetection
 from gateway.errors import GatewayError, ModelNotFound, Unavailable
 from gateway.metrics import GatewayMetrics
