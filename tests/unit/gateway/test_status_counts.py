@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from detectors.base import QueryBatch
-from evaluation.bench.components import demo_protection
+from evaluation.bench.components import demo_batches, demo_protection
 from gateway.auth import Client
 from gateway.state.base import create_store
 
@@ -16,12 +13,7 @@ def _gauge(protection, status: str) -> float:
 
 def test_flagged_count_rises_with_a_thief_and_falls_on_reset() -> None:
     protection = demo_protection("fashion-encoder", create_store("memory", {}))
-    rng = np.random.default_rng(0)
-    image = np.zeros((1, 1, 28, 28), np.float32)
-
-    def batch(n: int) -> QueryBatch:
-        return QueryBatch("fashion-encoder", "encoder", np.broadcast_to(image, (n, 1, 28, 28)),
-                          rng.standard_normal((n, 128)).astype(np.float32))
+    batch = demo_batches("fashion-encoder", seed=0)  # Gaussian 128-d answers to a blank image
 
     for i in range(3):
         protection.protect(Client(f"honest-{i}"), batch(1))
@@ -42,12 +34,7 @@ def test_evicted_standing_is_read_back_from_the_store(monkeypatch) -> None:
 
     monkeypatch.setattr(gateway.protection, "MAX_SNAPSHOTS", 2)
     protection = demo_protection("fashion-encoder", create_store("memory", {}))
-    rng = np.random.default_rng(0)
-    image = np.zeros((1, 1, 28, 28), np.float32)
-
-    def batch(n: int) -> QueryBatch:
-        return QueryBatch("fashion-encoder", "encoder", np.broadcast_to(image, (n, 1, 28, 28)),
-                          rng.standard_normal((n, 128)).astype(np.float32))
+    batch = demo_batches("fashion-encoder", seed=0)  # Gaussian 128-d answers to a blank image
 
     thief = protection.observe(Client("thief"), batch(6000))
     assert thief.status == "flagged"
