@@ -1,5 +1,5 @@
 """Extraction alerts: written to the state store and logged as JSON, in one place (counted by
-the protection that raised them, in the gateway process, wherever detection ran).
+the :class:`gateway.protection.ModelProtection` that raised them).
 
 An alert is raised when a detector's alert flag goes from off to on for a client, so a thief
 produces one alert per detector, not one per request. Records live in the store's ``alerts``

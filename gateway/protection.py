@@ -57,20 +57,6 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
-class Observed:
-    """What one request's detection concluded (:meth:`ModelProtection.detect`): what the gateway
-    process accounts for, wherever detection ran. Picklable."""
-
-    client: str
-    before: str
-    status: str
-    verdicts: Mapping[str, Verdict]
-    suspicion: float
-    alerts: tuple[str, ...]
-    seconds: float
-
-
-@dataclass(frozen=True)
 class Outcome:
     """What the protect stage decided for one batch; ``outputs`` is what the client receives."""
 
@@ -203,36 +189,21 @@ class ModelProtection:
                        status=snapshot.status)
 
     def observe(self, caller: Client, batch: QueryBatch) -> Snapshot:
-        """Run the detectors on ``batch``, apply the policy and store the client's new standing."""
-        observed = self.detect(caller, batch)
-        if observed is None:
-            return Snapshot(status="trusted", suspicion=0.0, verdicts={}, taken=self._clock())
-        return self.account(observed)
-
-    def detect(self, caller: Client, batch: QueryBatch) -> Observed | None:
-        """The store side of :meth:`observe` (None for a trusted tier): detectors, policy, alerts;
-        :meth:`account` then updates this process's metrics and view of the client."""
+        """Run the detectors on ``batch``, apply the policy, store the client's new standing and
+        remember it (the store side under the client's lock, metrics after it)."""
         components, client = self.tiers[caller.tier], caller.id
         if components.trusted:
-            return None
+            return Snapshot(status="trusted", suspicion=0.0, verdicts={}, taken=self._clock())
         with self._guard:
             lock = self._locks[client]
         with lock:
             started = self._clock()
             verdicts = {name: detector.observe(client, batch) for name, detector in components.detectors.items()}
             suspicion = max((v.score for v in verdicts.values()), default=0.0)
-            before, status, alerts = self._record(client, batch, verdicts, suspicion, components.policy)
-            return Observed(client=client, before=before, status=status, verdicts=verdicts, suspicion=suspicion,
-                            alerts=alerts, seconds=self._clock() - started)
-
-    def account(self, observed: Observed) -> Snapshot:
-        """Metrics and this process's view of the client after :meth:`detect`: status counts,
-        suspicion and coverage histograms, alerts, policy actions."""
-        self._account(observed.client, observed.before, observed.status, observed.verdicts, observed.suspicion)
-        for detector in observed.alerts:
-            self._metrics.alerts.labels(model=self.config.name, detector=detector).inc()
-        self._children.stages["detect"].observe(observed.seconds)
-        return self._remember(observed.client, observed.status, observed.verdicts)
+            before, status = self._record(client, batch, verdicts, suspicion, components.policy)
+            self._observe_stage("detect", started)
+        self._account(client, before, status, verdicts, suspicion)
+        return self._remember(client, status, verdicts)
 
     def defend(self, caller: Client, batch: QueryBatch, snapshot: Snapshot) -> tuple[np.ndarray, Marked | None]:
         """The answer to send for ``batch`` (float32 [B, K]) given the client's standing, and the
@@ -309,8 +280,8 @@ class ModelProtection:
         return max(wanted, before, key=STATUSES.index)
 
     def _record(self, client: str, batch: QueryBatch, verdicts: Mapping[str, Verdict], suspicion: float,
-                policy: PolicyConfig) -> tuple[str, str, tuple[str, ...]]:
-        """Store the new status and figures; returns (status before, status, detectors alerted)."""
+                policy: PolicyConfig) -> tuple[str, str]:
+        """Store the new status and figures and raise alerts; returns (status before, status)."""
         key = self._status_key(client)
         previous = self._store.get_fields(key)
         status = self._decide(previous, suspicion, verdicts, policy)
@@ -320,27 +291,23 @@ class ModelProtection:
             fields.update({f"{name}.{figure}": value for figure, value in verdict.figures.items()})
         self._store.incr(key, {"queries": len(batch.outputs)})
         self._store.set_fields(key, fields)
-        alerts = self._raise_alerts(client, previous, status, verdicts)
-        return str(previous.get("status", "ok")), status, alerts
+        self._raise_alerts(client, previous, status, verdicts)
+        return str(previous.get("status", "ok")), status
 
     def _raise_alerts(self, client: str, previous: Mapping[str, float | str], status: str,
-                      verdicts: Mapping[str, Verdict]) -> tuple[str, ...]:
+                      verdicts: Mapping[str, Verdict]) -> None:
         """One alert per detector whose alert flag turned on, and one per rise in status (flagged,
-        throttled, blocked) that no such alert already announced, naming the top-scoring detector.
-        Returns the detectors named, for the alert counter."""
-        raised: list[str] = []
-        for name, verdict in verdicts.items():
-            if verdict.alert and previous.get(f"alert:{name}") != 1.0:
-                self._alerts.raise_alert(client=client, model=self.config.name, detector=name,
-                                         figures=verdict.figures, action=status)
-                raised.append(name)
+        throttled, blocked) that no such alert already announced, naming the top-scoring detector."""
+        raised = [(name, verdict) for name, verdict in verdicts.items()
+                  if verdict.alert and previous.get(f"alert:{name}") != 1.0]
         rose = STATUSES.index(status) > STATUSES.index(str(previous.get("status", "ok")))
         if rose and not raised and verdicts:
             top = max(verdicts.values(), key=lambda v: v.score)
-            self._alerts.raise_alert(client=client, model=self.config.name, detector=top.detector,
-                                     figures=top.figures, action=status)
-            raised.append(top.detector)
-        return tuple(raised)
+            raised.append((top.detector, top))
+        for name, verdict in raised:
+            self._alerts.raise_alert(client=client, model=self.config.name, detector=name,
+                                     figures=verdict.figures, action=status)
+            self._metrics.alerts.labels(model=self.config.name, detector=name).inc()
 
     def _account(self, client: str, before: str, status: str, verdicts: Mapping[str, Verdict],
                  suspicion: float) -> None:
