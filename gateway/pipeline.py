@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ContextManager, TypeVar, cast
 
@@ -202,26 +202,21 @@ class DataPlane:
             await self._in_order(client, lambda: protection.keep_evidence(client, marked))
             return
         await self._settled(client)
-        try:  # a local store: on the loop's own connection (see LoopDetection.call)
+        # A local store: written on the loop's own connection (see LoopDetection.call).
+        with _store_outage_unavailable():
             self._on_loop.call(client.id, lambda: protection.keep_evidence(client, marked))
-        except STORE_ERRORS as error:
-            raise Unavailable("the state store is unavailable; try again") from error
 
     async def _settled(self, client: Client) -> None:
-        try:
+        with _store_outage_unavailable():
             if self._on_loop is not None:
                 self._on_loop.settle(client.id)
             await self._detection.settled(client.id)
-        except STORE_ERRORS as error:
-            raise Unavailable("the state store is unavailable; try again") from error
 
     async def _in_order(self, client: Client, function: Callable[[], T]) -> T:
         """Run a state-store-bound call after the client's queued work; a store outage is UNAVAILABLE."""
         await self._settled(client)
-        try:
+        with _store_outage_unavailable():
             return await self._detection.call(client.id, function)
-        except STORE_ERRORS as error:
-            raise Unavailable("the state store is unavailable; try again") from error
 
     async def settle(self) -> None:
         """Wait until the detection of every request answered so far is stored (admin reads)."""
@@ -237,6 +232,15 @@ class DataPlane:
 
     def _stage(self, stage: str, model: str, started: float) -> None:
         self._metrics.stage_duration.labels(model=model, stage=stage).observe(self._clock() - started)
+
+
+@contextmanager
+def _store_outage_unavailable() -> Iterator[None]:
+    """A state store that went away is UNAVAILABLE to the client (retryable), not INTERNAL."""
+    try:
+        yield
+    except STORE_ERRORS as error:
+        raise Unavailable("the state store is unavailable; try again") from error
 
 
 def _one_native_thread() -> None:
