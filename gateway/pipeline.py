@@ -138,7 +138,7 @@ class DataPlane:
             started = self._clock()
             snapshot = protection.cached(client.id)
             if snapshot is None and not protection.tiers[client.tier].trusted:
-                snapshot = await self._detection.call(client.id, lambda: protection.snapshot(client.id))
+                snapshot = await self._in_order(client, lambda: protection.snapshot(client.id))
             protection.admit(client, snapshot)
             self._stage("admission", request.model_name, started)
         started = self._clock()

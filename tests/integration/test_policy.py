@@ -191,3 +191,25 @@ async def test_unexpected_errors_in_streams_become_internal_without_details(
         async for _ in admin.StreamAlerts(admin_pb2.ListAlertsRequest(), metadata=ADMIN):
             pass
     assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INTERNAL, "internal error")
+
+
+async def test_a_new_key_gets_unavailable_while_the_state_store_is_down(
+        make_gateway: GatewayFactory, tiny_torchscript: Path, tmp_path: Path) -> None:
+    """Admitting a key this replica has not seen reads its standing from the store: a store that
+    went away is UNAVAILABLE (retryable), as for every other store call, not a generic INTERNAL."""
+    from tests.servers.procs import start_redis
+
+    redis_server = start_redis(tmp_path)
+    try:
+        state = {"name": "redis", "params": {"url": redis_server.info["url"], "socket_timeout": 1}}
+        gateway = await make_gateway([_escalating_model(tiny_torchscript)], state=state)
+        client = stub(gateway.ports.grpc)
+        rng = np.random.default_rng(0)
+        await client.ModelInfer(_request(rng, 1), metadata=ALICE)  # served while the store is up
+        redis_server.stop()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.ModelInfer(_request(rng, 1), metadata=BOB)  # BOB's first request
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "state store is unavailable" in caught.value.details()
+    finally:
+        redis_server.stop()
