@@ -150,17 +150,7 @@ class DetectionWorker:
             self._run_batch(jobs)
 
     def _run_batch(self, jobs: list[_Job]) -> None:
-        try:
-            with self._transaction():
-                for job in jobs:
-                    try:
-                        with self._transaction():  # a savepoint: a failing job undoes only its own writes
-                            job.result = job.function()
-                    except Exception as error:  # noqa: BLE001 (reported to the client; never kills the shard)
-                        job.error = error
-        except Exception as error:  # noqa: BLE001 (the commit failed: no job's writes are stored)
-            for job in jobs:
-                job.error = job.error or error
+        _run_jobs(self._transaction, jobs)
         for job in jobs:
             self._finish(job)
 
@@ -186,6 +176,22 @@ class DetectionWorker:
             waiter.get_loop().call_soon_threadsafe(_resolve, waiter, None, None)
 
 
+def _run_jobs(transaction: Callable[[], ContextManager[Any]], jobs: list[_Job]) -> None:
+    """Run ``jobs`` in order in one transaction, each in a savepoint, so a failing job undoes only
+    its own writes; each job's result or error is left on it (a failed commit is every job's error)."""
+    try:
+        with transaction():
+            for job in jobs:
+                try:
+                    with transaction():
+                        job.result = job.function()
+                except Exception as error:  # noqa: BLE001 (reported to the client; never stops the runner)
+                    job.error = error
+    except Exception as error:  # noqa: BLE001 (the commit failed: no job's writes are stored)
+        for job in jobs:
+            job.error = job.error or error
+
+
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.done():  # the waiting request was cancelled (deadline, client gone)
         return
@@ -209,7 +215,7 @@ class LoopDetection:
 
     def __init__(self, transaction: Callable[[], ContextManager[Any]] = nullcontext) -> None:
         self._transaction = transaction
-        self._jobs: list[tuple[str, Callable[[], Any]]] = []
+        self._jobs: list[_Job] = []
         self._pending: dict[str, int] = {}
         self._failures: dict[str, BaseException] = {}
         self._timer: asyncio.Handle | None = None
@@ -221,7 +227,7 @@ class LoopDetection:
     def submit(self, client: str, function: Callable[[], Any], busy: bool = False) -> None:
         """Queue ``function`` (call on the loop); it runs in the loop's next iteration, or within
         ``BATCH_SECONDS`` when the gateway is ``busy`` with other requests."""
-        self._jobs.append((client, function))
+        self._jobs.append(_Job(client, function))
         self._pending[client] = self._pending.get(client, 0) + 1
         if self._timer is None:
             loop = asyncio.get_running_loop()
@@ -239,19 +245,11 @@ class LoopDetection:
         jobs, self._jobs, self._pending = self._jobs, [], {}
         if not jobs:
             return
-        try:
-            with self._transaction():
-                for client, function in jobs:
-                    try:
-                        with self._transaction():  # a savepoint: a failing job undoes only its own writes
-                            function()
-                    except Exception as error:  # noqa: BLE001 (kept for the client's next request)
-                        log.error("detection failed for client %s", client, exc_info=error)
-                        self._failures[client] = error
-        except Exception as error:  # noqa: BLE001 (the commit failed: no job's writes are stored)
-            log.error("detection batch failed to commit", exc_info=error)
-            for client, _ in jobs:
-                self._failures.setdefault(client, error)
+        _run_jobs(self._transaction, jobs)
+        for job in jobs:
+            if job.error is not None:  # kept for the client's next request
+                log.error("detection failed for client %s", job.client, exc_info=job.error)
+                self._failures[job.client] = job.error
 
     def call(self, client: str, function: Callable[[], T]) -> T:
         """Run ``function`` now, after ``client``'s queued jobs, in a transaction of its own:
