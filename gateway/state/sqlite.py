@@ -38,7 +38,7 @@ import numpy as np
 
 from gateway.params import ConfigError, ParamError, check_keys, number
 from gateway.state.base import STATE_STORES, packed_with_bits, rows_from_blobs, segment_counts
-from gateway.state.sqlite_cache import TransactionCache
+from gateway.state.sqlite_cache import TransactionCache, trim_windows
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 
@@ -65,8 +65,8 @@ def _glob(prefix: str) -> str:
 class SqliteStore:
     """The state store in one SQLite file; see the module docstring for durability and locking."""
 
-    # Calls never wait on a network, and with the write-back cache a request's detection is a few
-    # microseconds of SQL per batch: the event loop may make them (a file shared with another
+    # Calls never wait on a network, and with the write-back cache a batch of requests' detection
+    # is one short transaction: the event loop may make them (a file shared with another
     # process can make BEGIN wait up to busy_timeout_ms; share state between processes with redis).
     local = True
 
@@ -294,7 +294,7 @@ class SqliteStore:
                 conn.execute("INSERT INTO rows (key, seq, data) VALUES (?, ?, ?)", (key, start, rows.tobytes()))
             conn.execute("INSERT INTO row_sets (key, dim, next_seq) VALUES (?, ?, ?) "
                          "ON CONFLICT (key) DO UPDATE SET next_seq = excluded.next_seq", (key, dim, end))
-            _trim_chunks(conn, key, dim, cutoff=end - max_rows)
+            trim_windows(conn, [(key, 4 * dim, end - max_rows)])
             (stored,) = conn.execute("SELECT coalesce(sum(length(data)), 0) FROM rows WHERE key = ?",
                                      (key,)).fetchone()
             return int(stored) // (4 * dim)
@@ -366,7 +366,7 @@ class SqliteStore:
 @STATE_STORES.register("sqlite")
 def create_sqlite(params: Mapping[str, Any], where: str) -> SqliteStore:
     """``path`` (required; parent directories are created), ``busy_timeout_ms`` (default 5000) and
-    ``cache_mb``, the write-back cache of the detection worker's transactions (default 256; 0 turns it off)."""
+    ``cache_mb``, the write-back cache of detection's transactions (default 256; 0 turns it off)."""
     try:
         check_keys(params, ("path", "busy_timeout_ms", "cache_mb"), required=("path",))
         busy_timeout_ms = number(params, "busy_timeout_ms", 5000, low=0, high=600_000, integer=True)
@@ -384,17 +384,3 @@ def create_sqlite(params: Mapping[str, Any], where: str) -> SqliteStore:
             raise ParamError("path", f"cannot open {path}: {exc}") from exc
     except ParamError as exc:
         raise ConfigError(f"{where}.{exc.param}", exc.problem) from exc
-
-
-def _trim_chunks(conn: sqlite3.Connection, key: str, dim: int, cutoff: int) -> None:
-    """Drop rows with index < ``cutoff``: whole chunks, and the head of the chunk that straddles it."""
-    row_bytes = 4 * dim
-    # ``seq < cutoff`` holds for every chunk to drop and bounds the scan of the (key, seq) index to
-    # them: without it each trim read every chunk of the window (~25 us per request for PRADA).
-    conn.execute("DELETE FROM rows WHERE key = ? AND seq < ? AND seq + length(data) / ? <= ?",
-                 (key, cutoff, row_bytes, cutoff))
-    straddling = conn.execute("SELECT seq, data FROM rows WHERE key = ? AND seq < ?", (key, cutoff)).fetchone()
-    if straddling is not None:
-        seq, data = straddling
-        conn.execute("UPDATE rows SET seq = ?, data = ? WHERE key = ? AND seq = ?",
-                     (cutoff, data[(cutoff - seq) * row_bytes:], key, seq))

@@ -272,14 +272,21 @@ def _write_windows(conn: sqlite3.Connection, windows: list[tuple[str, _Rows]]) -
         trimmed.append((key, 4 * w.dim, first))  # type: ignore[operator]
     conn.executemany("INSERT INTO rows (key, seq, data) VALUES (?, ?, ?) ON CONFLICT (key, seq) "
                      "DO UPDATE SET data = excluded.data", appended)
-    # ``seq < first`` bounds the index scan to the chunks that slid out (see sqlite._trim_chunks).
-    conn.executemany("DELETE FROM rows WHERE key = ? AND seq < ? AND seq + length(data) / ? <= ?",
-                     [(key, first, row_bytes, first) for key, row_bytes, first in trimmed])
-    conn.executemany("UPDATE rows SET data = substr(data, (? - seq) * ? + 1), seq = ? WHERE key = ? AND seq < ?",
-                     [(first, row_bytes, first, key, first) for key, row_bytes, first in trimmed])
+    trim_windows(conn, trimmed)
     conn.executemany("INSERT INTO row_sets (key, dim, next_seq) VALUES (?, ?, ?) ON CONFLICT (key) "
                      "DO UPDATE SET dim = excluded.dim, next_seq = excluded.next_seq",
                      [(key, w.dim, w.next_seq) for key, w in windows])
+
+
+def trim_windows(conn: sqlite3.Connection, trims: list[tuple[str, int, int]]) -> None:
+    """For each (key, row bytes, cutoff), drop the window's rows with index < cutoff: whole chunks,
+    and the head of the chunk that straddles it. ``seq < cutoff`` holds for every chunk to drop or
+    cut and bounds the scan of the (key, seq) index to them: without it each trim read every chunk
+    of the window (~25 us per request for PRADA's 1,000 one-row distance chunks)."""
+    conn.executemany("DELETE FROM rows WHERE key = ? AND seq < ? AND seq + length(data) / ? <= ?",
+                     [(key, cutoff, row_bytes, cutoff) for key, row_bytes, cutoff in trims])
+    conn.executemany("UPDATE rows SET data = substr(data, (? - seq) * ? + 1), seq = ? WHERE key = ? AND seq < ?",
+                     [(cutoff, row_bytes, cutoff, key, cutoff) for key, row_bytes, cutoff in trims])
 
 
 def _size(entry: Entry) -> int:
