@@ -59,7 +59,7 @@ class DataPlane:
     def __init__(
         self, models: dict[str, ServedModel], metrics: GatewayMetrics,
         clock: Callable[[], float] = time.monotonic, store: StateStore | None = None,
-        deferred_max_rows: int = 64,
+        deferred_max_rows: int = 64, detection_commit_seconds: float = 0.0,
     ) -> None:
         self.models = models
         self._metrics = metrics
@@ -78,9 +78,11 @@ class DataPlane:
         self._detection = DetectionWorker(shards=1 if transaction else 4, transaction=transaction or nullcontext,
                                           thread_init=_one_native_thread)
         # Stores that never wait on a network (memory, sqlite) run deferred detection on the
-        # loop itself, right after the answer is on its way, and write evidence there before it
-        # leaves; redis on the worker above.
-        self._on_loop = LoopDetection(transaction or nullcontext) if getattr(store, "local", True) else None
+        # loop itself, right after the answer is on its way, committing it every
+        # ``detection_commit_seconds``, and write evidence there before it leaves; redis on the
+        # worker above.
+        self._on_loop = (LoopDetection(transaction or nullcontext, commit_seconds=detection_commit_seconds)
+                         if getattr(store, "local", True) else None)
 
     async def start(self) -> None:
         """Start every backend, in parallel."""
@@ -138,7 +140,7 @@ class DataPlane:
             started = self._clock()
             snapshot = protection.cached(client.id)
             if snapshot is None and not protection.tiers[client.tier].trusted:
-                snapshot = await self._in_order(client, lambda: protection.snapshot(client.id))
+                snapshot = await self._look_up(client, lambda: protection.snapshot(client.id))
             protection.admit(client, snapshot)
             self._stage("admission", request.model_name, started)
         started = self._clock()
@@ -186,7 +188,7 @@ class DataPlane:
         await self._settled(client)
         snapshot = protection.cached(client.id)
         if snapshot is None:  # reset by an operator meanwhile, or a block to re-check
-            snapshot = await self._in_order(client, lambda: protection.snapshot(client.id))
+            snapshot = await self._look_up(client, lambda: protection.snapshot(client.id))
         protection.refuse_blocked(client, snapshot)
         if self._on_loop is not None:
             self._on_loop.submit(client.id, lambda: protection.observe(client, batch), busy=self._in_flight > 1)
@@ -212,10 +214,22 @@ class DataPlane:
                 self._on_loop.settle(client.id)
             await self._detection.settled(client.id)
 
-    async def _in_order(self, client: Client, function: Callable[[], T]) -> T:
-        """Run a state-store-bound call after the client's queued work; a store outage is UNAVAILABLE."""
+    async def _look_up(self, client: Client, function: Callable[[], T]) -> T:
+        """Read a client's standing from the store after its queued work: on a local store, on the
+        loop (a few cached reads, inside the loop's open transaction: so they see its detection)."""
+        if self._on_loop is None:
+            return await self._in_order(client, function)
         await self._settled(client)
         with _store_outage_unavailable():
+            return self._on_loop.call(client.id, function, commit=False)
+
+    async def _in_order(self, client: Client, function: Callable[[], T]) -> T:
+        """Run a state-store-bound call on the worker after the client's queued work; a store
+        outage is UNAVAILABLE."""
+        await self._settled(client)
+        with _store_outage_unavailable():
+            if self._on_loop is not None:
+                self._on_loop.commit()  # the worker's transaction waits for the loop's to commit
             return await self._detection.call(client.id, function)
 
     async def settle(self) -> None:

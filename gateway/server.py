@@ -83,7 +83,8 @@ def build_plane(
         if model.protected and secret is not None:
             protection = ModelProtection(model, f"models[{index}]", config.tiers, store, secret, metrics, alerts)
         models[model.name] = ServedModel(config=model, backend=backend, protection=protection)
-    return DataPlane(models, metrics, store=store, deferred_max_rows=config.server.deferred_max_rows)
+    return DataPlane(models, metrics, store=store, deferred_max_rows=config.server.deferred_max_rows,
+                     detection_commit_seconds=config.server.detection_commit_ms / 1000)
 
 
 def _check_tiers(config: GatewayConfig, keys: KeyStore) -> None:

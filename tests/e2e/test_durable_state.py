@@ -1,11 +1,12 @@
-"""Client state is durable and shared: a `kill -9` loses at most the detection of a client's last
-answered request (none with inline detection), and two gateways on one Redis see one client as
-one client."""
+"""Client state is durable and shared: a `kill -9` loses at most the detection of the answers of
+the last `server.detection_commit_ms` (with group commit off: of a client's last answered request;
+none with inline detection), and two gateways on one Redis see one client as one client."""
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,22 +40,32 @@ def _expected_coverage(answers: list[np.ndarray]) -> float:
     return float(verdict.figures["coverage"]) if verdict else 0.0
 
 
-def _config(tmp_path: Path, state: dict, name: str, deferred_max_rows: int | None = None) -> Path:
+def _config(tmp_path: Path, state: dict, name: str, deferred_max_rows: int | None = None,
+            commit_ms: int | None = None) -> Path:
     def edit(data: dict) -> None:
         _detection_only(data)
         if deferred_max_rows is not None:
             data["server"]["deferred_max_rows"] = deferred_max_rows
+        if commit_ms is not None:
+            data["server"]["detection_commit_ms"] = commit_ms
 
     return protected_config(tmp_path / f"{name}.yaml", state, models=[ENCODER], edit=edit)
 
 
-@pytest.mark.parametrize("deferred_max_rows", [None, 0], ids=["deferred", "inline"])
-def test_kill_9_loses_at_most_the_last_answered_detection(tmp_path: Path, deferred_max_rows: int | None) -> None:
+COMMIT_MS = 20  # the default server.detection_commit_ms
+LATE_S = 0.5  # how late the gateway's commit timer may fire on a busy CI machine
+
+
+@pytest.mark.parametrize(("deferred_max_rows", "commit_ms"), [(None, None), (None, 0), (0, None)],
+                         ids=["deferred-group-commit", "deferred", "inline"])
+def test_kill_9_loses_at_most_the_last_answered_detections(tmp_path: Path, deferred_max_rows: int | None,
+                                                           commit_ms: int | None) -> None:
     state = {"name": "sqlite", "params": {"path": str(tmp_path / "state.db")}}
-    config = _config(tmp_path, state, "durable", deferred_max_rows)
+    config = _config(tmp_path, state, "durable", deferred_max_rows, commit_ms)
     proc = start_gateway(config, tmp_path)
     images = load_fashion_mnist("train").images[:20_000]
     answered: list[np.ndarray] = []
+    answered_at: list[float] = []
     sent: list[int] = []
     stop = threading.Event()
 
@@ -65,12 +76,16 @@ def test_kill_9_loses_at_most_the_last_answered_detection(tmp_path: Path, deferr
             sent.append(start)
             try:
                 answered.append(query(proc, ENCODER, "grace", images[start:start + 50], batch=50))
+                answered_at.append(time.monotonic())
             except Exception:  # noqa: BLE001 - the kill ends the stream
                 return
 
     worker = threading.Thread(target=stream)
     worker.start()
-    wait_until(lambda: len(answered) >= 40, 120, "40 answered requests", interval=0.05)
+    # Long enough that answers older than a commit span (and its lateness) exist to check.
+    wait_until(lambda: len(answered) >= 40 and answered_at[-1] - answered_at[0] > 3 * LATE_S, 120,
+               "40 answered requests over 1.5 s", interval=0.05)
+    killed_at = time.monotonic()
     proc.stop(signal.SIGKILL)
     stop.set()
     worker.join(timeout=30)
@@ -95,8 +110,11 @@ def test_kill_9_loses_at_most_the_last_answered_detection(tmp_path: Path, deferr
     if deferred_max_rows is None:
         # Deferred detection (requests of <= 64 rows): a request is detected just after its answer
         # left, and the client's next request waits for that, so only the last answer's detection
-        # can be lost.
-        candidates.add((n - len(answered[-1]), round(_expected_coverage(answered[:-1]), 6)))
+        # can be lost; with group commit, those of the answers of the last commit span.
+        recent = answered_at[-1] if commit_ms == 0 else killed_at - COMMIT_MS / 1000 - LATE_S
+        kept = min([i for i, at in enumerate(answered_at) if at >= recent], default=len(answered))
+        for k in range(kept, len(answered)):
+            candidates.add((sum(len(a) for a in answered[:k]), round(_expected_coverage(answered[:k]), 6)))
     assert (int(recorded["queries"]), round(recorded["coverage"], 6)) in candidates, (recorded, candidates)
 
 

@@ -39,6 +39,8 @@ def _broken(change) -> dict:
         (lambda d: d["server"].update(grace_seconds=-1), "server.grace_seconds", ">= 0"),
         (lambda d: d["server"].update(deferred_max_rows=-1), "server.deferred_max_rows", ">= 0, got -1"),
         (lambda d: d["server"].update(deferred_max_rows=2.5), "server.deferred_max_rows", "must be int"),
+        (lambda d: d["server"].update(detection_commit_ms=-5), "server.detection_commit_ms", "in 0..1000, got -5"),
+        (lambda d: d["server"].update(detection_commit_ms="soon"), "server.detection_commit_ms", "must be"),
         (lambda d: d["server"].update(colour="blue"), "server.colour", "unknown field"),
         (lambda d: d["server"].update(tls={"cert_file": "nope.pem", "key_file": "nope.key"}),
          "server.tls.cert_file", "does not exist"),

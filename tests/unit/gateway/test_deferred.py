@@ -163,3 +163,78 @@ def test_loop_call_runs_after_the_clients_jobs_and_keeps_the_loops_cache(tmp_pat
 
     asyncio.run(scenario())
     store.close()
+
+
+def _queries_seen_by_another_connection(store: object, key: str) -> float:
+    """``key``'s ``queries`` as a fresh thread (its own connection) reads it: committed state only."""
+    seen: list[float] = []
+    reader = threading.Thread(target=lambda: seen.append(float(store.get_fields(key).get("queries", 0))))  # type: ignore[attr-defined]
+    reader.start()
+    reader.join()
+    return seen[0]
+
+
+def test_loop_detection_commits_its_jobs_together_within_commit_seconds(tmp_path: Path) -> None:
+    """Group commit: jobs of several loop iterations run at once, on the loop's connection, and
+    are committed together when ``commit_seconds`` have passed; call() and run() commit at once."""
+    from gateway.deferred import LoopDetection
+
+    store = create_store("sqlite", {"path": str(tmp_path / "s.db")})
+    commits: list[str] = []
+
+    async def scenario() -> None:
+        detection = LoopDetection(store.transaction, commit_seconds=0.2)  # type: ignore[attr-defined]
+        store._conn().set_trace_callback(lambda s: commits.append(s) if s == "COMMIT" else None)  # type: ignore[attr-defined]
+        for _ in range(3):
+            detection.submit("alice", lambda: store.incr("m/alice/status", {"queries": 1}))
+            await asyncio.sleep(0)  # each job runs in its own loop iteration...
+        assert store.get_fields("m/alice/status") == {"queries": 3.0}  # ...visible on the loop's connection
+        assert _queries_seen_by_another_connection(store, "m/alice/status") == 0.0 and commits == []
+        await asyncio.sleep(0.3)
+        assert _queries_seen_by_another_connection(store, "m/alice/status") == 3.0 and commits == ["COMMIT"]
+
+        detection.submit("alice", lambda: store.incr("m/alice/status", {"queries": 1}))
+        assert detection.call("alice", lambda: store.append_record("m/alice/evidence", {"n": 1})) == 1
+        assert _queries_seen_by_another_connection(store, "m/alice/status") == 4.0  # committed with the evidence
+        detection.submit("alice", lambda: store.incr("m/alice/status", {"queries": 1}))
+        await asyncio.sleep(0)
+        detection.run()  # an admin read: committed now
+        assert _queries_seen_by_another_connection(store, "m/alice/status") == 5.0 and len(commits) == 3
+        detection.close()
+
+    asyncio.run(scenario())
+    store.close()
+
+
+def test_a_failed_group_commit_is_reported_to_each_of_its_clients_once() -> None:
+    from contextlib import contextmanager
+
+    from gateway.deferred import LoopDetection
+
+    depth = [0]
+
+    @contextmanager
+    def transaction_whose_commit_fails():  # type: ignore[no-untyped-def]
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+        if depth[0] == 0:
+            raise OSError("disk I/O error")
+
+    async def scenario() -> None:
+        detection = LoopDetection(transaction_whose_commit_fails, commit_seconds=0.05)
+        ran: list[str] = []
+        for client in ("alice", "bob"):
+            detection.submit(client, lambda c=client: ran.append(c))
+        await asyncio.sleep(0.1)  # ran, then the timer's commit failed
+        assert ran == ["alice", "bob"]
+        for client in ("alice", "bob"):
+            with pytest.raises(OSError, match="disk I/O error"):
+                detection.settle(client)
+            detection.settle(client)  # reported once
+        with pytest.raises(ValueError, match="commit_seconds must be >= 0, got -1"):
+            LoopDetection(commit_seconds=-1)
+
+    asyncio.run(scenario())
