@@ -81,7 +81,8 @@ class StateStore(Protocol):
         ...
 
     def get_rows(self, key: str, dim: int) -> np.ndarray:
-        """The stored rows, float32 [n, dim], oldest first; [0, dim] when absent."""
+        """The stored rows, float32 [n, dim], oldest first; [0, dim] when absent. May be read-only
+        (stores hand out their own window instead of a copy)."""
         ...
 
     def append_record(self, stream: str, record: Mapping[str, Any], max_records: int | None = None) -> int:
@@ -152,3 +153,15 @@ def rows_from_blobs(blobs: list[bytes], dim: int, width: int | None = None) -> n
         return np.zeros((0, dim), np.float32)
     width = width if width is not None else len(blobs[0]) // 4
     return np.frombuffer(b"".join(blobs), np.float32).reshape(-1, width).copy()
+
+
+def newest_rows(current: np.ndarray | None, rows: np.ndarray, max_rows: int) -> np.ndarray:
+    """``current`` float32 [n, d] (None: none yet) then ``rows`` [m, d], the newest ``max_rows``, as
+    a new read-only array: one copy of what is kept (PRADA's 300-row sets grow by a row per query)."""
+    if current is None:
+        kept = rows[-max_rows:].copy()
+    else:
+        keep = max(0, min(len(current), max_rows - len(rows)))
+        kept = np.concatenate([current[len(current) - keep:], rows[-max_rows:]])
+    kept.flags.writeable = False
+    return kept

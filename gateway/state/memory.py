@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from gateway.params import ConfigError
-from gateway.state.base import STATE_STORES, packed_with_bits, segment_counts
+from gateway.state.base import STATE_STORES, newest_rows, packed_with_bits, segment_counts
 
 
 class MemoryStore:
@@ -69,14 +69,13 @@ class MemoryStore:
             current = self._rows.get(key)
             if current is not None and current.shape[1] != rows.shape[1]:
                 raise ValueError(f"rows for {key!r} have width {current.shape[1]}, got {rows.shape[1]}")
-            merged = rows if current is None else np.concatenate([current, rows])
-            self._rows[key] = merged[-max_rows:].copy()
+            self._rows[key] = newest_rows(current, rows, max_rows)
             return len(self._rows[key])
 
     def get_rows(self, key: str, dim: int) -> np.ndarray:
         with self._lock:
             rows = self._rows.get(key)
-        return np.zeros((0, dim), np.float32) if rows is None else rows.copy()
+        return np.zeros((0, dim), np.float32) if rows is None else rows  # read-only, replaced on push
 
     def append_record(self, stream: str, record: Mapping[str, Any], max_records: int | None = None) -> int:
         if max_records is not None and max_records < 1:

@@ -27,7 +27,7 @@ from typing import Any, Union, cast
 
 import numpy as np
 
-from gateway.state.base import packed_with_bits, rows_from_blobs, segment_counts
+from gateway.state.base import newest_rows, packed_with_bits, rows_from_blobs, segment_counts
 
 
 class _Rows:
@@ -207,14 +207,18 @@ class TransactionCache:
             raise ValueError(f"rows for {key!r} have width {window.dim}, got {rows.shape[1]}")
         slot = ("rows", key)
         self._changing(slot)
-        merged = rows if window.dim is None else np.concatenate([window.data, rows])
-        self._put(slot, _Rows(rows.shape[1], window.next_seq + len(rows), merged[-max_rows:].copy(), window.flushed))
+        kept = newest_rows(None if window.dim is None else window.data, rows, max_rows)
+        self._put(slot, _Rows(rows.shape[1], window.next_seq + len(rows), kept, window.flushed))
         self._dirty[slot] = True
         return len(self._entries[slot].data)  # type: ignore[union-attr]
 
     def get_rows(self, conn: sqlite3.Connection, key: str, dim: int) -> np.ndarray:
         window = cast(_Rows, self._get(conn, "rows", key))
-        return np.zeros((0, dim), np.float32) if window.dim is None else window.data.copy()
+        if window.dim is None:
+            return np.zeros((0, dim), np.float32)
+        data = window.data.view()  # replaced on every change, never written in place: no copy
+        data.flags.writeable = False
+        return data
 
     def drop(self, prefix: str) -> None:
         """Forget the entries of keys starting with ``prefix`` (after :meth:`flush`; being deleted)."""
