@@ -97,6 +97,7 @@ class CoverageDetector:
         self.seed = int(seed)
         self.segment_bits = 1 << self.bits
         self.total_bits = self.tables * self.segment_bits
+        self._offsets = np.arange(self.tables, dtype=np.int64) * self.segment_bits  # table t's first bit
         # Hashers are a pure function of (seed, dim): a cache, not client state.
         self._hashers: dict[int, LSHHasher] = {}
         self._lock = threading.Lock()
@@ -108,9 +109,9 @@ class CoverageDetector:
         stats_key = client_key("cov", batch.model, client, "stats")
         queries = self.store.incr(stats_key, {"queries": len(vectors)})["queries"]
         if len(vectors):
-            buckets = self._hasher(vectors.shape[1]).buckets(vectors)
-            offsets = np.arange(self.tables, dtype=np.int64) * self.segment_bits
-            positions = np.unique((buckets + offsets).ravel())
+            positions = (self._hasher(vectors.shape[1]).buckets(vectors) + self._offsets).ravel()
+            if len(vectors) > 1:  # one query's positions are one per table: sorted and distinct already
+                positions = np.unique(positions)
             counts = self.store.set_bits(key, positions, self.total_bits, self.segment_bits)
         else:
             counts = self.store.count_bits(key, self.total_bits, self.segment_bits)

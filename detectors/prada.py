@@ -183,7 +183,7 @@ class PradaDetector:
         if not 0.0 <= w <= 1.0:
             return Verdict(detector=self.name, score=0.0, figures=figures, alert=False)
         figures["shapiro_w"] = w
-        score = float(np.clip((1.0 - w) / (1.0 - self.delta), 0.0, 1.0))
+        score = min(1.0, max(0.0, (1.0 - w) / (1.0 - self.delta)))  # plain floats: np.clip costs ~5 us
         return Verdict(detector=self.name, score=score, figures=figures, alert=w < self.delta)
 
     def _groups(self, batch: QueryBatch) -> np.ndarray:

@@ -153,7 +153,9 @@ class TransactionCache:
         else:
             # Counts kept per bitmap and moved by the newly set bits only: counting all of a
             # 10 KB bitmap's bits was a third of the coverage detector's cost per request.
-            positions = np.unique(np.asarray(positions, dtype=np.int64))
+            positions = np.asarray(positions, dtype=np.int64)
+            if np.any(positions[1:] <= positions[:-1]):  # coverage hands one query's sorted, distinct bits
+                positions = np.unique(positions)
             if positions.size and (positions[0] < 0 or positions[-1] >= total_bits):
                 raise ValueError(f"bit positions must lie in [0, {total_bits})")
             masks = np.left_shift(1, positions & 7).astype(np.uint8)
@@ -161,7 +163,11 @@ class TransactionCache:
             if not new.any():
                 return known[2].copy()
             bits = current.copy()  # never in place: a savepoint's journal may hold the old array
-            np.bitwise_or.at(bits, positions[new] >> 3, masks[new])  # .at: two bits may share a byte
+            at, masks = positions[new] >> 3, masks[new]
+            if np.any(at[1:] == at[:-1]):  # two new bits in one byte (sorted: neighbours): or them both
+                np.bitwise_or.at(bits, at, masks)
+            else:
+                bits[at] |= masks
             counts = known[2] + np.bincount(positions[new] // segment_bits, minlength=len(known[2]))
         self._changing(slot)
         self._put(slot, bits)
