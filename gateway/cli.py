@@ -38,6 +38,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run_until_signal(gateway: object) -> int:
+    from gateway.server import freeze_startup_heap
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -47,6 +49,7 @@ async def _run_until_signal(gateway: object) -> int:
     except OSError as error:
         print(f"moat: cannot start: {error}", file=sys.stderr)
         return 1
+    freeze_startup_heap()
     await stop.wait()
     await gateway.stop()  # type: ignore[attr-defined]
     return 0

@@ -9,6 +9,7 @@ backends and flushes state.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -220,3 +221,14 @@ def build_gateway(config: GatewayConfig, registry: CollectorRegistry | None = No
     # server (measured: ~10% more CPU per protected request). Torch's OpenMP pool is left alone.
     threadpool_limits(limits=1, user_api="blas")
     return gateway
+
+
+def freeze_startup_heap() -> None:
+    """Take everything allocated while starting (modules, models, channels, the config) out of the
+    garbage collector's view, as long-running Python servers do: otherwise each full collection
+    re-scans those hundreds of thousands of objects, and a loaded gateway allocates enough to run
+    one every few hundred requests (``moat bench``, classifier at concurrency 32, one run: 2.46 ->
+    2.0 ms of gateway CPU per request, throughput 0.59x -> 0.75x the bare proxy's). Call once,
+    after the gateway started."""
+    gc.collect()
+    gc.freeze()

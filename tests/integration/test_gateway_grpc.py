@@ -168,6 +168,21 @@ async def test_gateway_runs_numpy_blas_on_one_thread(make_gateway: GatewayFactor
     assert blas and set(blas) == {1}
 
 
+def test_freezing_the_startup_heap_takes_its_objects_out_of_collections() -> None:
+    import gc
+
+    from gateway.server import freeze_startup_heap
+
+    started = [{"config": i} for i in range(1000)]  # what a gateway holds once started
+    before = gc.get_freeze_count()
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() >= before + len(started)
+        assert all(len(gc.get_objects(generation)) < gc.get_freeze_count() for generation in range(3))
+    finally:
+        gc.unfreeze()
+
+
 async def test_unexpected_errors_become_internal_without_details(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     backend = tiny.plane.models["tiny"].backend
 
