@@ -145,7 +145,7 @@ class DataPlane:
             self._stage("admission", request.model_name, started)
         started = self._clock()
         try:
-            response = await served.backend.infer(request, deadline)
+            response = await served.backend.infer(request, deadline, while_waiting=self._while_waiting())
         except GatewayError as error:
             if served.config.backend.name == "upstream":
                 self._metrics.upstream_errors.labels(model=request.model_name, code=error.code.name).inc()
@@ -159,6 +159,14 @@ class DataPlane:
         response.id = request.id
         response.model_version = request.model_version
         return response
+
+    def _while_waiting(self) -> Callable[[], None] | None:
+        """What the loop may do while this request waits for its model: the previous answers'
+        deferred detection, when this is the only request in flight (under load, jobs gather for
+        a few milliseconds instead, see :meth:`LoopDetection.submit`)."""
+        if self._on_loop is not None and self._on_loop.pending and self._in_flight == 1:
+            return self._on_loop.run_queued
+        return None
 
     async def _protect(
         self, served: ServedModel, client: Client, request: InferRequest, response: InferResponse,
@@ -191,7 +199,7 @@ class DataPlane:
             snapshot = await self._look_up(client, lambda: protection.snapshot(client.id))
         protection.refuse_blocked(client, snapshot)
         if self._on_loop is not None:
-            self._on_loop.submit(client.id, lambda: protection.observe(client, batch), busy=self._in_flight > 1)
+            self._on_loop.submit(client.id, lambda: protection.observe(client, batch))
         else:
             self._detection.submit(client.id, lambda: protection.observe(client, batch))
         outputs, marked = protection.defend(client, batch, snapshot)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from gateway.config import ComponentConfig, ConfigError
@@ -16,7 +16,11 @@ class Backend(Protocol):
     """Produces the clean answer for one configured model.
 
     ``infer`` receives inputs already validated against ``metadata()`` and returns every declared
-    output; ``deadline`` is an absolute ``time.monotonic()`` instant or None.
+    output; ``deadline`` is an absolute ``time.monotonic()`` instant or None. ``while_waiting``,
+    when given, is called once on the event loop as soon as the request is in the model's hands
+    (sent upstream, running on a worker thread), before the answer is awaited: the data plane
+    runs the previous answers' deferred detection there, in time the loop would otherwise idle
+    (it never raises).
     """
 
     name: str
@@ -27,7 +31,8 @@ class Backend(Protocol):
 
     async def ready(self) -> bool: ...
 
-    async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse: ...
+    async def infer(self, request: InferRequest, deadline: float | None, *,
+                    while_waiting: Callable[[], None] | None = None) -> InferResponse: ...
 
     async def close(self) -> None: ...
 

@@ -32,6 +32,7 @@ class _Pending:
     arrays: list[np.ndarray]
     deadline: float | None
     future: asyncio.Future[list[np.ndarray]]
+    while_waiting: Callable[[], None] | None = None  # called once its batch runs (see Backend.infer)
     rows: int = field(init=False)
     signature: tuple[object, ...] = field(init=False)
 
@@ -56,13 +57,15 @@ class DynamicBatcher:
         self._collector: asyncio.Task[None] | None = None
         self.batches = 0  # batches run so far (for tests and metrics)
 
-    async def submit(self, method: str, arrays: Sequence[np.ndarray], deadline: float | None = None) -> list[np.ndarray]:
-        """Run ``method`` on ``arrays`` (each [B, ...], equal B) within some batch; its outputs' rows."""
+    async def submit(self, method: str, arrays: Sequence[np.ndarray], deadline: float | None = None, *,
+                     while_waiting: Callable[[], None] | None = None) -> list[np.ndarray]:
+        """Run ``method`` on ``arrays`` (each [B, ...], equal B) within some batch; its outputs' rows.
+        ``while_waiting`` is called on the loop once that batch is running on the worker thread."""
         loop = asyncio.get_running_loop()
         if self._collector is None or self._collector.done():
             self._arrived = asyncio.Event()
             self._collector = loop.create_task(self._collect())
-        pending = _Pending(method, list(arrays), deadline, loop.create_future())
+        pending = _Pending(method, list(arrays), deadline, loop.create_future(), while_waiting)
         self._queue.append(pending)
         self._arrived.set()  # type: ignore[union-attr]
         return await pending.future
@@ -121,8 +124,12 @@ class DynamicBatcher:
                 continue
             arrays = (batch[0].arrays if len(batch) == 1 else
                       [np.concatenate(parts) for parts in zip(*(p.arrays for p in batch), strict=True)])
+            running = loop.run_in_executor(self._executor, self._run, batch[0].method, arrays)
+            for pending in batch:
+                if pending.while_waiting is not None:
+                    pending.while_waiting()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run, batch[0].method, arrays)
+                outputs = await running
             except Exception as error:  # noqa: BLE001 - every caller of the batch gets the error
                 for pending in batch:
                     if not pending.future.done():

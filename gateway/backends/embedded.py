@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -116,16 +116,19 @@ class EmbeddedBackend:
     async def ready(self) -> bool:
         return True
 
-    async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
+    async def infer(self, request: InferRequest, deadline: float | None, *,
+                    while_waiting: Callable[[], None] | None = None) -> InferResponse:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline expired before the model ran")
         arrays = [request.inputs[spec.name] for spec in self._metadata.inputs]
         if self.batcher is not None:
-            values = await self.batcher.submit("forward", arrays, deadline)
+            values = await self.batcher.submit("forward", arrays, deadline, while_waiting=while_waiting)
             outputs = {spec.name: value for spec, value in zip(self._metadata.outputs, values, strict=True)}
         else:
-            loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(self._executor, self._run, arrays)
+            running = asyncio.get_running_loop().run_in_executor(self._executor, self._run, arrays)
+            if while_waiting is not None:  # the model runs on the worker thread meanwhile
+                while_waiting()
+            outputs = await running
         return InferResponse(model_name=self.name, outputs=outputs, id=request.id)
 
     async def features(self, inputs: np.ndarray) -> np.ndarray | None:

@@ -8,8 +8,9 @@ requests are rebuilt from decoded tensors and sent with no client metadata at al
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,8 @@ class UpstreamBackend:
             return False
         return bool(reply.ready)
 
-    async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
+    async def infer(self, request: InferRequest, deadline: float | None, *,
+                    while_waiting: Callable[[], None] | None = None) -> InferResponse:
         timeout = self._timeout
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())
@@ -123,7 +125,13 @@ class UpstreamBackend:
         message = encode_request(request)
         message.model_name = self._upstream_model
         try:
-            reply = await self._stub.ModelInfer(message, timeout=timeout)  # type: ignore[union-attr]
+            call = self._stub.ModelInfer(message, timeout=timeout)  # type: ignore[union-attr]
+            if while_waiting is not None:
+                # grpc.aio sends from a task of the call's own, scheduled as the call is made: one
+                # turn of the loop lets it go out before the loop is lent to while_waiting.
+                await asyncio.sleep(0)
+                while_waiting()
+            reply = await call
         except grpc.aio.AioRpcError as error:
             raise _upstream_error(error) from None
         response = decode_response(reply)

@@ -82,3 +82,16 @@ async def test_expired_deadline_is_refused(backend: Backend) -> None:
     metadata = await backend.metadata()
     with pytest.raises(DeadlineExceeded):
         await backend.infer(InferRequest("m", _inputs(metadata, batch=1)), deadline=time.monotonic() - 1)
+
+
+async def test_infer_lends_the_loop_to_while_waiting_once_before_the_answer(backend: Backend) -> None:
+    """The data plane's hook for deferred detection: called once, on the loop's thread, while the
+    request is with the model (before infer returns)."""
+    import threading
+
+    metadata = await backend.metadata()
+    calls: list[str] = []
+    response = await backend.infer(InferRequest("m", _inputs(metadata, batch=2)), deadline=None,
+                                   while_waiting=lambda: calls.append(threading.current_thread().name))
+    assert calls == [threading.current_thread().name]
+    assert list(response.outputs) == [spec.name for spec in metadata.outputs]

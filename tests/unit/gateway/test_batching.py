@@ -130,3 +130,24 @@ def test_bounds_are_checked(executor: ThreadPoolExecutor) -> None:
         DynamicBatcher(Doubler(), executor, max_rows=0, max_delay=0.0)
     with pytest.raises(ValueError, match="max_delay must be >= 0, got -1"):
         DynamicBatcher(Doubler(), executor, max_rows=1, max_delay=-1)
+
+
+async def test_while_waiting_runs_once_the_batch_is_on_the_worker_thread(executor: ThreadPoolExecutor) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def model(method: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        started.set()
+        release.wait(timeout=5)
+        return [arrays[0] * 2]
+
+    batcher = DynamicBatcher(model, executor, max_rows=8, max_delay=0.0)
+    seen: list[bool] = []
+
+    def while_waiting() -> None:  # the model must already be running, and still waiting for us
+        seen.append(started.wait(timeout=5))
+        release.set()
+
+    (doubled,) = await batcher.submit("forward", [np.ones((1, 2), np.float32)], while_waiting=while_waiting)
+    assert seen == [True]
+    np.testing.assert_array_equal(doubled, np.full((1, 2), 2, np.float32))
+    await batcher.close()

@@ -99,27 +99,30 @@ def test_shards_must_be_positive() -> None:
         DetectionWorker(shards=0)
 
 
-def test_loop_detection_runs_in_order_once_the_answer_left_and_reports_failures_once() -> None:
-    from gateway.deferred import LoopDetection
+def test_loop_detection_runs_in_order_when_the_loop_is_free_and_reports_failures_once() -> None:
+    from gateway.deferred import BATCH_SECONDS, LoopDetection
 
     async def scenario() -> None:
         detection = LoopDetection()
         seen: list[tuple[str, int]] = []
         for i in range(3):
             detection.submit("alice", lambda i=i: seen.append(("alice", i)))
-        assert seen == [] and detection.pending  # nothing runs until the loop's next iteration
         await asyncio.sleep(0)
+        assert seen == [] and detection.pending  # not in the answer's way: gathered...
+        detection.run_queued()  # ...until the next request waits for its model
         assert seen == [("alice", 0), ("alice", 1), ("alice", 2)] and not detection.pending
 
-        detection.submit("bob", lambda: (_ for _ in ()).throw(ConnectionError("store went away")), busy=True)
-        detection.submit("carol", lambda: seen.append(("carol", 0)), busy=True)
-        await asyncio.sleep(0)
-        assert detection.pending  # busy: gathered for a few milliseconds
+        detection.submit("bob", lambda: (_ for _ in ()).throw(ConnectionError("store went away")))
+        detection.submit("carol", lambda: seen.append(("carol", 0)))
         detection.settle("carol")  # carol's next request runs the queue now
         assert seen[-1] == ("carol", 0) and not detection.pending
         with pytest.raises(ConnectionError, match="store went away"):
             detection.settle("bob")
         detection.settle("bob")  # reported once
+
+        detection.submit("dave", lambda: seen.append(("dave", 0)))
+        await asyncio.sleep(2 * BATCH_SECONDS)  # no request came: the timer ran them
+        assert seen[-1] == ("dave", 0) and not detection.pending
         detection.close()
 
     asyncio.run(scenario())
@@ -187,7 +190,8 @@ def test_loop_detection_commits_its_jobs_together_within_commit_seconds(tmp_path
         store._conn().set_trace_callback(lambda s: commits.append(s) if s == "COMMIT" else None)  # type: ignore[attr-defined]
         for _ in range(3):
             detection.submit("alice", lambda: store.incr("m/alice/status", {"queries": 1}))
-            await asyncio.sleep(0)  # each job runs in its own loop iteration...
+            detection.run_queued()  # each job runs on its own (as each next request waits)...
+            await asyncio.sleep(0)
         assert store.get_fields("m/alice/status") == {"queries": 3.0}  # ...visible on the loop's connection
         assert _queries_seen_by_another_connection(store, "m/alice/status") == 0.0 and commits == []
         await asyncio.sleep(0.3)
@@ -197,8 +201,7 @@ def test_loop_detection_commits_its_jobs_together_within_commit_seconds(tmp_path
         assert detection.call("alice", lambda: store.append_record("m/alice/evidence", {"n": 1})) == 1
         assert _queries_seen_by_another_connection(store, "m/alice/status") == 4.0  # committed with the evidence
         detection.submit("alice", lambda: store.incr("m/alice/status", {"queries": 1}))
-        await asyncio.sleep(0)
-        detection.run()  # an admin read: committed now
+        detection.run()  # an admin read: run and committed now
         assert _queries_seen_by_another_connection(store, "m/alice/status") == 5.0 and len(commits) == 3
         detection.close()
 
