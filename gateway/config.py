@@ -41,7 +41,7 @@ class ServerConfig:
     grace_seconds: float = 10.0
     tls: TLSConfig | None = None
     # Requests of at most this many rows are answered before their own detection runs (it runs
-    # right after, in order per client); 0 detects every request before answering it.
+    # after, in order per client); 0 detects every request before answering it.
     deferred_max_rows: int = 64
     # Deferred detection on a local store (memory, sqlite) commits at most this often (group
     # commit); a kill -9 loses the detection of at most this span's answers. 0: after every batch.

@@ -1,4 +1,4 @@
-"""Deferred detection: a small request is answered first and detected right after, in order.
+"""Deferred detection: a small request is answered first and detected after it, in order.
 
 The gateway answers a request of at most ``server.deferred_max_rows`` rows with the defenses its
 client's standing called for *before* it (the state all its earlier requests left), then records
@@ -15,10 +15,12 @@ inline detection would give one request later, deterministically:
 
 Two runners. :class:`LoopDetection` runs jobs on the event loop's thread, for stores whose calls
 never wait on a network (memory; sqlite with its write-back cache): no second thread contends for
-the GIL. :class:`DetectionWorker` runs them on threads (sharded by client), for redis, whose round
-trips must stay off the loop; it also runs store calls that must finish before an answer leaves
-(a first look-up of a client, big batches judged inline; evidence too, on redis: on local stores
-:meth:`LoopDetection.call` writes it on the loop).
+the GIL, and the jobs run while the next request waits for its model, when the loop would idle
+(``DataPlane._while_waiting``), or gathered under load. :class:`DetectionWorker` runs them on
+threads (sharded by client), for redis, whose round trips must stay off the loop; it also runs
+store calls that must finish before an answer leaves (big batches judged inline; first look-ups
+of a client and evidence too, on redis: on local stores :meth:`LoopDetection.call` runs them on
+the loop).
 
 A job that fails is logged and reported to the client's next request (UNAVAILABLE when the store
 failed), so a store outage still reaches clients instead of silently skipping detection. What a

@@ -3,8 +3,8 @@
 The gRPC servicer decodes a message, calls :meth:`DataPlane.infer` and encodes the answer. A
 request goes through validation, admission (the client's cached standing), the backend, then the
 protect stage: defenses and the watermark on the client's standing, and detection of the request
-itself right after (deferred, :mod:`gateway.deferred`) or, for batches over ``deferred_max_rows``,
-before the answer.
+itself after its answer (deferred, :mod:`gateway.deferred`) or, for batches over
+``deferred_max_rows``, before it.
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ class DataPlane:
         self._detection = DetectionWorker(shards=1 if transaction else 4, transaction=transaction or nullcontext,
                                           thread_init=_one_native_thread)
         # Stores that never wait on a network (memory, sqlite) run deferred detection on the
-        # loop itself, right after the answer is on its way, committing it every
-        # ``detection_commit_seconds``, and write evidence there before it leaves; redis on the
-        # worker above.
+        # loop itself once the answer is on its way (while the next request waits for its model,
+        # or gathered under load), committing it every ``detection_commit_seconds``, and write
+        # evidence there before its answer leaves; redis on the worker above.
         self._on_loop = (LoopDetection(transaction or nullcontext, commit_seconds=detection_commit_seconds)
                          if getattr(store, "local", True) else None)
 
