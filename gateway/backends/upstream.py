@@ -129,7 +129,11 @@ class UpstreamBackend:
             if while_waiting is not None:
                 # grpc.aio sends from a task of the call's own, scheduled as the call is made: one
                 # turn of the loop lets it go out before the loop is lent to while_waiting.
-                await asyncio.sleep(0)
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:  # the client went away: so does the upstream call
+                    call.cancel()
+                    raise
                 while_waiting()
             reply = await call
         except grpc.aio.AioRpcError as error:
