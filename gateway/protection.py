@@ -1,6 +1,6 @@
 """The protect stage of one model: admission, detection, the policy, and defenses.
 
-Detection (:meth:`ModelProtection.detect`) touches the state store; the data plane runs it after
+Detection (:meth:`ModelProtection.observe`) touches the state store; the data plane runs it after
 the answer, on the event loop for local stores and on the detection worker's threads for redis
 (:mod:`gateway.deferred`). Per client, detection and the policy run under a lock and in order, so
 concurrent requests of one client update its state one after the other in this replica; across

@@ -152,7 +152,7 @@ def rows_from_blobs(blobs: list[bytes], dim: int, width: int | None = None) -> n
     if not blobs:
         return np.zeros((0, dim), np.float32)
     width = width if width is not None else len(blobs[0]) // 4
-    return np.frombuffer(b"".join(blobs), np.float32).reshape(-1, width).copy()
+    return np.frombuffer(b"".join(blobs), np.float32).reshape(-1, width)  # read-only, as get_rows allows
 
 
 def newest_rows(current: np.ndarray | None, rows: np.ndarray, max_rows: int) -> np.ndarray:

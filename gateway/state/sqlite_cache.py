@@ -220,11 +220,8 @@ class TransactionCache:
 
     def get_rows(self, conn: sqlite3.Connection, key: str, dim: int) -> np.ndarray:
         window = cast(_Rows, self._get(conn, "rows", key))
-        if window.dim is None:
-            return np.zeros((0, dim), np.float32)
-        data = window.data.view()  # replaced on every change, never written in place: no copy
-        data.flags.writeable = False
-        return data
+        # Read-only (loaded by frombuffer, grown by newest_rows) and replaced on every change: no copy.
+        return np.zeros((0, dim), np.float32) if window.dim is None else window.data
 
     def drop(self, prefix: str) -> None:
         """Forget the entries of keys starting with ``prefix`` (after :meth:`flush`; being deleted)."""
