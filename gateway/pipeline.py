@@ -198,23 +198,25 @@ class DataPlane:
         if snapshot is None:  # reset by an operator meanwhile, or a block to re-check
             snapshot = await self._look_up(client, lambda: protection.snapshot(client.id))
         protection.refuse_blocked(client, snapshot)
+        outputs, marked = protection.defend(client, batch, snapshot)
+        if marked is not None:  # the evidence is durable before the answer leaves
+            await self._keep_evidence(protection, client, marked)
+        # Queued after the evidence: queued before, the evidence write would run it first, on
+        # the answer's path.
         if self._on_loop is not None:
             self._on_loop.submit(client.id, lambda: protection.observe(client, batch))
         else:
             self._detection.submit(client.id, lambda: protection.observe(client, batch))
-        outputs, marked = protection.defend(client, batch, snapshot)
-        if marked is not None:  # the evidence is durable before the answer leaves
-            await self._keep_evidence(protection, client, marked)
         return outputs
 
     async def _keep_evidence(self, protection: ModelProtection, client: Client, marked: Marked) -> None:
+        def keep() -> None:
+            protection.keep_evidence(client, marked)
+
         if self._on_loop is None:
-            await self._in_order(client, lambda: protection.keep_evidence(client, marked))
-            return
-        await self._settled(client)
-        # A local store: written on the loop's own connection (see LoopDetection.call).
-        with _store_outage_unavailable():
-            self._on_loop.call(client.id, lambda: protection.keep_evidence(client, marked))
+            await self._in_order(client, keep)
+        else:  # written on the loop's own connection (see LoopDetection.call)
+            await self._on_loop_call(client, keep, commit=True)
 
     async def _settled(self, client: Client) -> None:
         with _store_outage_unavailable():
@@ -227,9 +229,15 @@ class DataPlane:
         loop (a few cached reads, inside the loop's open transaction: so they see its detection)."""
         if self._on_loop is None:
             return await self._in_order(client, function)
-        await self._settled(client)
+        return await self._on_loop_call(client, function, commit=False)
+
+    async def _on_loop_call(self, client: Client, function: Callable[[], T], commit: bool) -> T:
+        """A local store's call on the loop, after the client's work queued on the worker (big
+        batches) and on the loop (:meth:`LoopDetection.call` runs that first)."""
+        on_loop = cast(LoopDetection, self._on_loop)  # the callers checked it is set
         with _store_outage_unavailable():
-            return self._on_loop.call(client.id, function, commit=False)
+            await self._detection.settled(client.id)
+            return on_loop.call(client.id, function, commit=commit)
 
     async def _in_order(self, client: Client, function: Callable[[], T]) -> T:
         """Run a state-store-bound call on the worker after the client's queued work; a store
