@@ -62,14 +62,35 @@ class Sample:
 
 
 def median_result(samples: Sequence[Sample], **key: Any) -> Result:
-    """The median over rounds of each figure (rounds are interleaved with other contenders)."""
+    """The median over rounds of each figure (rounds are interleaved with other contenders); each
+    round's figures are kept in ``extra["per_round"]``, in round order, for paired ratios."""
+    per_round = {"p50_ms": [s.p50_ms for s in samples], "p99_ms": [s.p99_ms for s in samples],
+                 "throughput_rps": [s.throughput_rps for s in samples]}
     return Result(
         **key,
-        p50_ms=statistics.median(s.p50_ms for s in samples),
-        p99_ms=statistics.median(s.p99_ms for s in samples),
-        throughput_rps=statistics.median(s.throughput_rps for s in samples),
+        p50_ms=statistics.median(per_round["p50_ms"]),
+        p99_ms=statistics.median(per_round["p99_ms"]),
+        throughput_rps=statistics.median(per_round["throughput_rps"]),
         rounds=len(samples),
+        extra={"per_round": per_round},
     )
+
+
+def paired_ratios(mine: Result, base: Result, figure: str) -> list[float]:
+    """``mine``'s figure over ``base``'s, round by round (both measured in the same interleaved
+    rounds); empty when either lacks per-round figures or their rounds differ."""
+    ours = mine.extra.get("per_round", {}).get(figure, [])
+    theirs = base.extra.get("per_round", {}).get(figure, [])
+    if not ours or len(ours) != len(theirs):
+        return []
+    return [a / b for a, b in zip(ours, theirs, strict=True)]
+
+
+def quartiles(values: Sequence[float]) -> list[float] | None:
+    """The 25th and 75th percentiles of ``values`` (None when there are none)."""
+    if not values:
+        return None
+    return [float(np.percentile(values, 25)), float(np.percentile(values, 75))]
 
 
 def find(results: Iterable[Result], **key: Any) -> Result | None:
@@ -125,5 +146,12 @@ def results_table(results: Sequence[Result]) -> str:
 
 
 def ratio_table(ratios: Sequence[dict[str, Any]]) -> str:
-    rows = [[r["target"], r["subject"], r["value"], r["bound"], "yes" if r["holds"] else "NO"] for r in ratios]
-    return table(rows, ["target", "subject", "ratio", "bound", "holds"])
+    """Each ratio, its bound and verdict; ``rounds IQR`` is the interquartile range of the paired
+    per-round ratios, where the scenario has them (how far the machine's noise moves the ratio)."""
+    rows = [[r["target"], r["subject"], r["value"], _spread(r.get("spread")), r["bound"], "yes" if r["holds"] else "NO"]
+            for r in ratios]
+    return table(rows, ["target", "subject", "ratio", "rounds IQR", "bound", "holds"])
+
+
+def _spread(spread: Sequence[float] | None) -> str:
+    return "-" if not spread else f"{spread[0]:.2f}-{spread[1]:.2f}"

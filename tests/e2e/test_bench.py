@@ -42,4 +42,9 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
                  == ("overhead", "fashion-encoder", "bare-proxy", 1))
     ratio = next(r for r in data["ratios"] if r["subject"] == "fashion-encoder moat-full" and "c=1" in r["target"])
     assert abs(ratio["value"] - full["p50_ms"] / proxy["p50_ms"]) < 1e-9
+    # ...and so do its per-round ratios (each interleaved round of moat-full over the same round
+    # of the bare proxy) and their interquartile range
+    rounds = zip(full["extra"]["per_round"]["p50_ms"], proxy["extra"]["per_round"]["p50_ms"], strict=True)
+    assert ratio["per_round"] == [mine / base for mine, base in rounds]
+    assert min(ratio["per_round"]) <= ratio["spread"][0] <= ratio["spread"][1] <= max(ratio["per_round"])
     assert "moat-full" in run.stdout and "bare-proxy" in run.stdout
