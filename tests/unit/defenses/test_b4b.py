@@ -10,7 +10,11 @@ import pytest
 
 import torch
 
-from defenses.b4b import B4B
+from concurrent.futures import ThreadPoolExecutor
+
+from scipy import stats
+
+from defenses.b4b import B4B, _keyed_digest
 from defenses.base import DefenseContext, create_defense
 from detectors.base import QueryBatch, Verdict
 from evaluation.data import load_fashion_mnist
@@ -137,3 +141,29 @@ def test_one_row_gets_the_noise_it_gets_in_a_batch() -> None:
     together = defense.noise(x, "alice")
     for i in range(5):
         np.testing.assert_array_equal(defense.noise(x[i:i + 1], "alice"), together[i:i + 1])
+
+
+def test_noise_seeds_are_the_hmac_of_secret_client_and_code() -> None:
+    """The cached per-client HMAC state continues to the digest of the whole length-prefixed
+    message, for clients of any length and codes of any width."""
+    defense = create_defense("b4b", {}, kind="encoder", secret=SECRET)
+    for client in ("a", "alice", "x" * 300):
+        for code in (0, 1, 0xBEEF, 2**64 - 1):
+            assert defense._noise_seed(client, code) == _keyed_digest(
+                SECRET, b"b4b/noise", client.encode(), code.to_bytes(8, "big"))
+
+
+def test_noise_is_standard_normal_and_per_thread_streams_do_not_mix() -> None:
+    """Rows keyed by distinct codes are independent N(0, 1) draws; computed on several threads at
+    once (each re-keys its own generator) they equal the single-threaded ones."""
+    defense = create_defense("b4b", {"code_bits": 64}, kind="encoder", secret=SECRET)
+    x = np.random.default_rng(1).standard_normal((2000, 64))
+    noise = defense.noise(x, "alice")
+    assert stats.kstest(noise.ravel(), "norm").pvalue > 1e-3
+    assert abs(np.corrcoef(noise[:, 0], noise[:, 1])[0, 1]) < 0.1
+    rows = [x[i:i + 1] for i in range(200)]
+    alone = [defense.noise(r, "alice") for r in rows]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = list(pool.map(lambda r: defense.noise(r, "alice"), rows))
+    for a, b in zip(alone, threaded, strict=True):
+        np.testing.assert_array_equal(a, b)
