@@ -52,7 +52,7 @@ def _config(tmp_path: Path, state: dict, name: str, deferred_max_rows: int | Non
     return protected_config(tmp_path / f"{name}.yaml", state, models=[ENCODER], edit=edit)
 
 
-COMMIT_MS = 20  # the default server.detection_commit_ms
+COMMIT_MS = 50  # the default server.detection_commit_ms
 LATE_S = 0.5  # how late the gateway's commit timer may fire on a busy CI machine
 
 
