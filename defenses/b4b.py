@@ -43,10 +43,14 @@ TRANSFORM_CACHE = 4096  # clients whose transforms are kept derived (each ~4 KB 
 COVERAGE_DETECTOR = "coverage"
 
 
+def _framed(*parts: bytes) -> bytes:
+    """``parts`` each length-prefixed, so that no two part lists share a message."""
+    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
 def _keyed_digest(secret: bytes, *parts: bytes) -> bytes:
-    """HMAC-SHA256 of ``parts``, each length-prefixed so that no two part lists share a message."""
-    message = b"".join(struct.pack(">I", len(p)) + p for p in parts)
-    return hmac.new(secret, message, hashlib.sha256).digest()
+    """HMAC-SHA256 of ``parts``, framed by :func:`_framed`."""
+    return hmac.new(secret, _framed(*parts), hashlib.sha256).digest()
 
 
 def _rng(digest: bytes) -> np.random.Generator:
@@ -197,14 +201,13 @@ class B4B:
         """HMAC(secret, [b"b4b/noise", client, code]) (as :func:`_keyed_digest`), continued from the
         client's cached HMAC state over the first two parts."""
         keyed = self._noise_keys(client).copy()
-        keyed.update(b"\x00\x00\x00\x08" + code.to_bytes(8, "big"))
+        keyed.update(_framed(code.to_bytes(8, "big")))
         return keyed.digest()
 
     def _noise_key(self, client: str) -> hmac.HMAC:
         """The HMAC of the noise seeds of ``client`` after their common prefix (b"b4b/noise", client),
         length-prefixed as :func:`_keyed_digest` does; copied, never updated, by its users."""
-        prefix = b"".join(struct.pack(">I", len(p)) + p for p in (b"b4b/noise", client.encode()))
-        return hmac.new(self._secret, prefix, hashlib.sha256)
+        return hmac.new(self._secret, _framed(b"b4b/noise", client.encode()), hashlib.sha256)
 
     def apply(self, outputs: np.ndarray, context: DefenseContext) -> np.ndarray:
         """Noisy, transformed answer: float32 [B, D] in, float32 [B, D] out (input left untouched)."""
