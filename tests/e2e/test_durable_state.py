@@ -14,6 +14,7 @@ import pytest
 
 from detectors.base import QueryBatch, create_detector
 from evaluation.data import load_fashion_mnist
+from gateway.config import ServerConfig
 from gateway.secrets import derive_seed
 from gateway.state.memory import MemoryStore
 from tests.e2e.conftest import DEMO_SECRET, model_state, protected_config, query
@@ -52,7 +53,7 @@ def _config(tmp_path: Path, state: dict, name: str, deferred_max_rows: int | Non
     return protected_config(tmp_path / f"{name}.yaml", state, models=[ENCODER], edit=edit)
 
 
-COMMIT_MS = 50  # the default server.detection_commit_ms
+COMMIT_MS = ServerConfig.detection_commit_ms  # the default
 LATE_S = 0.5  # how late the gateway's commit timer may fire on a busy CI machine
 
 
