@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
+from defenses.codes import coarse_grid, quantised_codes
 from detectors.base import ModelKind, QueryBatch, Verdict
 from gateway.registry import Registry
 
@@ -31,6 +34,18 @@ class DefenseContext:
     verdicts: Mapping[str, Verdict] = field(default_factory=dict)
     suspicion: float = 0.0
     flagged: bool = False
+    # The batch's pooled query grid, shared by the defenses and the watermark of one answer.
+    _grid: list[np.ndarray] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def query_codes(self, levels: int, rows: np.ndarray | None = None) -> list[bytes]:
+        """``defenses.codes.query_codes(batch.inputs[rows], levels)`` (all rows when
+        ``rows`` is None), pooling the batch's inputs once per answer: misinformation and DAWN
+        both code every query of a flagged client's answer."""
+        if not self._grid:
+            if rows is not None:  # a few rows of the batch: pool just those, keep nothing
+                return quantised_codes(coarse_grid(np.asarray(self.batch.inputs)[rows]), levels)
+            self._grid.append(coarse_grid(self.batch.inputs))
+        return quantised_codes(self._grid[0] if rows is None else self._grid[0][rows], levels)
 
 
 @runtime_checkable

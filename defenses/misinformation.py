@@ -12,7 +12,6 @@ pooling and 2-level quantisation) gets the same wrong label, and voting over cop
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import struct
@@ -22,66 +21,19 @@ from typing import Any
 import numpy as np
 
 from defenses.base import DEFENSES, DefenseContext
+from defenses.codes import LEVELS, query_codes
 from defenses.perturbations import normalize_rows
 from detectors.base import ModelKind
 from gateway.params import ParamError, check_keys, choice, number
 
 __all__ = ["AdaptiveMisinformation", "query_codes"]
 
-#: Side of the pooled grid and number of grey levels of the coarse query code. Measured on 300
-#: Fashion-MNIST test images x 50 near-duplicates each (every pixel +-1/255, clipped), the share of
-#: near-duplicates keeping the code, and distinct codes among 5000 test images: 7x7 with 4 levels
-#: 93.0% / 4931, 3 levels 95.0% / 4582, 2 levels 98.7% / 2876 (at +-2/255: 85.6%, 90.1%, 96.4%).
-#: Two levels keep near-duplicates together and still separate most distinct images.
-GRID = 7
-LEVELS = 2
 #: τ measured on the demo classifier (full Fashion-MNIST test set, 90.63% clean accuracy, as an
 #: unflagged honest user): the largest of {0.3, 0.4, 0.5, 0.6} whose accuracy drop stays under 0.5
 #: points. Answers whose label changed / accuracy drop: 0.3: 0.36% / 0.12 points, 0.4: 1.84% / 0.64,
 #: 0.5: 5.46% / 2.30, 0.6: 10.99% / 5.40 (0.35: 1.02% / 0.28). Natural-image crops (a thief's
 #: out-of-distribution pool) misinformed at τ = 0.3: 6.5%. Flagged clients get h = 1 regardless.
 DEFAULT_TAU = 0.3
-
-
-def query_codes(inputs: np.ndarray, levels: int = LEVELS) -> list[bytes]:
-    """Coarse codes of queries: float [B, C, H, W] (also [B, H, W] or [B, F]) in [0, 1] -> B byte
-    strings. The first channel is average-pooled to a ≤7×7 grid and quantised to ``levels`` grey
-    levels (default 2: block mean below or above 0.5), so a change of a grey level or two per pixel
-    rarely changes the code."""
-    x = np.asarray(inputs, dtype=np.float64)
-    if x.ndim == 2:
-        x = x[:, None, :]
-    elif x.ndim >= 4:
-        x = x.reshape(x.shape[0], -1, *x.shape[-2:])[:, 0]
-    if x.ndim != 3:
-        raise ValueError(f"queries must be [B, C, H, W], [B, H, W] or [B, F]; got shape {np.shape(inputs)}")
-    pooled = _pool(_pool(x, axis=1), axis=2)
-    if not 2 <= levels <= 256:
-        raise ValueError(f"levels must be in 2..256, got {levels}")
-    # floor(v * levels) of v in [0, 1] is its truncation; np.minimum/np.maximum rather than np.clip,
-    # whose Python wrapper cost more than the arithmetic (this runs on every classifier answer).
-    unit = np.minimum(np.maximum(pooled, 0.0), 1.0)
-    quantised = np.minimum((unit * levels).astype(np.uint8), np.uint8(levels - 1))
-    shape = struct.pack(">II", *quantised.shape[1:])
-    return [shape + row.tobytes() for row in quantised]
-
-
-def _pool(x: np.ndarray, axis: int) -> np.ndarray:
-    """Average over min(GRID, n) near-equal bins along ``axis``."""
-    starts, counts = _bins(x.shape[axis], x.ndim, axis)
-    return np.add.reduceat(x, starts, axis=axis) / counts
-
-
-@functools.lru_cache(maxsize=64)
-def _bins(n: int, ndim: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bin starts (int64 [bins]) and sizes (shaped to broadcast along ``axis``) for ``_pool``:
-    computed once per shape, since every answer of a model pools the same image size (they were
-    half of the pooling's cost per request)."""
-    edges = np.linspace(0, n, min(GRID, n) + 1).round().astype(np.int64)
-    counts = np.diff(edges).reshape([-1 if a == axis else 1 for a in range(ndim)])
-    starts = edges[:-1]
-    starts.flags.writeable = counts.flags.writeable = False  # shared by every caller
-    return starts, counts
 
 
 @DEFENSES.register("misinformation")
@@ -131,8 +83,11 @@ class AdaptiveMisinformation:
     def wrong_labels(self, client: str, inputs: np.ndarray, top: np.ndarray, classes: int) -> np.ndarray:
         """Keyed wrong class int64 [B] for queries ``inputs`` [B, ...] whose clean argmax is ``top`` [B]:
         ``(top + 1 + HMAC(secret, client, code) mod (K − 1)) mod K``, never equal to ``top``."""
+        return self._keyed_wrong_labels(client, query_codes(inputs), top, classes)
+
+    def _keyed_wrong_labels(self, client: str, codes: list[bytes], top: np.ndarray, classes: int) -> np.ndarray:
         offsets = np.empty(len(top), dtype=np.int64)
-        for i, code in enumerate(query_codes(inputs)):
+        for i, code in enumerate(codes):
             message = struct.pack(">I", len(client.encode())) + client.encode() + code
             digest = hmac.new(self._secret, b"misinformation/label\x00" + message, hashlib.sha256).digest()
             offsets[i] = 1 + int.from_bytes(digest[:8], "big") % (classes - 1)
@@ -149,12 +104,15 @@ class AdaptiveMisinformation:
         out = p.astype(np.float32, copy=True)
         if p.shape[1] < 2 or not len(rows):  # no wrong class to give, or nothing to change
             return out
-        inputs = np.asarray(context.batch.inputs)
-        if len(inputs) != len(p):
-            raise ValueError(f"batch has {len(inputs)} queries but {len(p)} answers")
+        if len(context.batch.inputs) != len(p):
+            raise ValueError(f"batch has {len(context.batch.inputs)} queries but {len(p)} answers")
         y = normalize_rows(p[rows])
-        wrong = self.wrong_labels(context.client, inputs[rows], y.argmax(axis=1), p.shape[1])
+        codes = context.query_codes(LEVELS, rows if len(rows) < len(p) else None)
+        wrong = self._keyed_wrong_labels(context.client, codes, y.argmax(axis=1), p.shape[1])
         mis = np.zeros_like(y)
         mis[np.arange(len(wrong)), wrong] = 1.0
-        out[rows] = (1.0 - h[rows, None]) * y + h[rows, None] * mis
+        if context.flagged:  # h = 1 on every row: the answer is the one-hot itself (0·y + 1·mis)
+            out[rows] = mis
+        else:
+            out[rows] = (1.0 - h[rows, None]) * y + h[rows, None] * mis
         return out

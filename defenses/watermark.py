@@ -39,7 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from defenses.base import DefenseContext
-from defenses.misinformation import query_codes
+from defenses.codes import query_codes
 from detectors.base import ModelKind
 from gateway.params import ParamError, check_keys, number
 from gateway.registry import Registry
@@ -122,6 +122,11 @@ def decode_query(stored: Mapping[str, Any]) -> np.ndarray:
     return values.reshape(shape)
 
 
+def _with_labels(codes: list[bytes], top: np.ndarray) -> list[bytes]:
+    """DAWN's selection and label codes: each query code followed by its clean label (4 bytes)."""
+    return [code + int(t).to_bytes(4, "big") for code, t in zip(codes, top, strict=True)]
+
+
 def keyed_uniforms(key: bytes, purpose: bytes, codes: list[bytes]) -> np.ndarray:
     """float64 [B] in [0, 1): HMAC-SHA256(key, purpose NUL code) read as a 64-bit fraction."""
     out = np.empty(len(codes), np.float64)
@@ -195,11 +200,14 @@ class DAWN:
         self._key = _watermark_key(secret)
 
     def _codes(self, inputs: np.ndarray, top: np.ndarray) -> list[bytes]:
-        return [code + int(t).to_bytes(4, "big") for code, t in zip(query_codes(inputs, self.levels), top, strict=True)]
+        return _with_labels(query_codes(inputs, self.levels), top)
 
     def selected(self, inputs: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """bool [B]: which queries ``inputs`` [B, ...] with clean probabilities [B, K] are watermarked."""
-        codes = self._codes(inputs, np.asarray(probs).argmax(axis=1))
+        return self._selected(query_codes(inputs, self.levels), probs)
+
+    def _selected(self, query_codes: list[bytes], probs: np.ndarray) -> np.ndarray:
+        codes = _with_labels(query_codes, np.asarray(probs).argmax(axis=1))
         return keyed_uniforms(self._key, b"dawn/select", codes) < self.rate
 
     def labels(self, inputs: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -219,7 +227,7 @@ class DAWN:
         # Selection reads the clean answer, so earlier defenses (which may be per client) do not
         # change which queries carry the watermark.
         clean = np.asarray(context.batch.outputs, dtype=np.float64)
-        rows = np.nonzero(self.selected(inputs, clean))[0]
+        rows = np.nonzero(self._selected(context.query_codes(self.levels), clean))[0]
         out = p.astype(np.float32, copy=True)
         if not len(rows):
             return Marked(out)
@@ -303,7 +311,10 @@ class Direction:
 
     def selected(self, inputs: np.ndarray) -> np.ndarray:
         """bool [B]: which queries ``inputs`` [B, ...] are watermarked."""
-        return keyed_uniforms(self._key, b"direction/select", query_codes(inputs, self.levels)) < self.rate
+        return self._selected(query_codes(inputs, self.levels))
+
+    def _selected(self, codes: list[bytes]) -> np.ndarray:
+        return keyed_uniforms(self._key, b"direction/select", codes) < self.rate
 
     def directions(self, inputs: np.ndarray, dim: int) -> np.ndarray:
         """The keyed unit vectors float64 [B, dim] of queries ``inputs`` [B, ...]."""
@@ -313,7 +324,7 @@ class Direction:
     def mark(self, outputs: np.ndarray, context: DefenseContext) -> Marked:
         """Turn the selected rows towards their keyed directions: float32 [B, D] -> float32 [B, D]."""
         e, inputs = _checked_batch(outputs, context, "direction expects embeddings [B, D] with D >= 2")
-        rows = np.nonzero(self.selected(inputs))[0]
+        rows = np.nonzero(self._selected(context.query_codes(self.levels)))[0]
         out = e.astype(np.float32, copy=True)
         if not len(rows):
             return Marked(out)

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from defenses.misinformation import query_codes
+from defenses.codes import query_codes
 from defenses.watermark import DEFAULT_LEVELS, decode_query, unit_rows
 from gateway.evidence import EvidenceFile
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from defenses.base import Defense, DefenseContext, create_defense
-from defenses.misinformation import AdaptiveMisinformation, query_codes
+from defenses.codes import query_codes
+from defenses.misinformation import AdaptiveMisinformation
 from detectors.base import QueryBatch
 
 SECRET = b"classifier-defense-secret"
@@ -98,6 +99,29 @@ def test_query_codes_are_coarse() -> None:
     assert len(set(query_codes(blocks))) == 50  # 49 coarse cells tell distinct images apart
     assert len(query_codes(rng.random((2, 3, 32, 32), dtype=np.float32))) == 2  # colour: first channel
     assert len(query_codes(rng.random((2, 5), dtype=np.float32))) == 2  # flat features: a 1×5 "image"
+
+
+def test_an_answers_context_codes_its_queries_as_query_codes_does() -> None:
+    """Pooled once per answer and shared by misinformation and the watermark: the same codes as
+    coding each row on its own, for all rows or a subset, before and after the batch was pooled."""
+    x = np.random.default_rng(1).random((5, 1, 28, 28), dtype=np.float32)
+    p = np.full((5, 3), 1 / 3, dtype=np.float32)
+    rows = np.array([1, 3])
+    for first_rows in (rows, None):  # a subset first pools only those rows; all rows first are kept
+        context = DefenseContext("alice", QueryBatch("clf", "classifier", x, p))
+        assert context.query_codes(2, first_rows) == query_codes(x if first_rows is None else x[rows], 2)
+        assert context.query_codes(3) == query_codes(x, 3)
+        assert context.query_codes(2, rows) == query_codes(x[rows], 2)
+
+
+def test_misinformation_answers_a_flagged_client_with_the_keyed_one_hot() -> None:
+    defense = _build("misinformation")
+    assert isinstance(defense, AdaptiveMisinformation)
+    rng = np.random.default_rng(2)
+    p = rng.dirichlet(np.ones(10), size=6).astype(np.float32)
+    x = rng.random((6, 1, 28, 28), dtype=np.float32)
+    wrong = defense.wrong_labels("alice", x, p.argmax(axis=1), 10)
+    np.testing.assert_array_equal(_apply(defense, p, x, flagged=True), np.eye(10, dtype=np.float32)[wrong])
 
 
 # ----------------------------------------------------------------------------- misinformation, real model
