@@ -25,6 +25,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: GatewayMetrics | None = None) -> None:
         self._metrics = metrics
+        # method -> (the service's handler, its wrapped handler): wrapped once, not on every call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -34,6 +36,14 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         codec = {"request_deserializer": handler.request_deserializer,
                  "response_serializer": handler.response_serializer}
         if handler.unary_stream is not None:
@@ -43,7 +53,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is None:
             return handler
         behavior = self._guarded(handler.unary_unary)
-        if self._metrics is not None and details.method == _INFER_METHOD:
+        if self._metrics is not None and method == _INFER_METHOD:
             behavior = self._measured(behavior, self._metrics)
         return grpc.unary_unary_rpc_method_handler(behavior, **codec)
 
@@ -78,22 +88,26 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     def _measured(behavior: Callable, metrics: GatewayMetrics) -> Callable:
         async def measured(request: Any, context: grpc.aio.ServicerContext) -> Any:
             model = metrics.model_label(request.model_name)
+            instruments = metrics.for_model(model)
             started = time.perf_counter()
             metrics.inflight.inc()
             code = grpc.StatusCode.UNKNOWN
             try:
                 response = await behavior(request, context)
                 code = grpc.StatusCode.OK
-                metrics.response_size.labels(model=model).observe(response.ByteSize())
+                instruments.response_size.observe(response.ByteSize())
                 return response
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             finally:
                 metrics.inflight.dec()
-                metrics.requests.labels(model=model, code=_code_name(code)).inc()
-                metrics.request_duration.labels(model=model).observe(time.perf_counter() - started)
-                metrics.request_size.labels(model=model).observe(request.ByteSize())
+                if code == grpc.StatusCode.OK:
+                    instruments.ok.inc()
+                else:
+                    metrics.requests.labels(model=model, code=_code_name(code)).inc()
+                instruments.duration.observe(time.perf_counter() - started)
+                instruments.request_size.observe(request.ByteSize())
 
         return measured
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -27,6 +29,17 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 SIZE_BUCKETS = tuple(float(2**power) for power in range(6, 28, 2))  # 64 B .. 64 MiB
+
+
+@dataclass(frozen=True)
+class RequestInstruments:
+    """One model's per-request series, labelled once: ``labels()`` takes a lock and builds a key
+    on every call, and a request records four of them."""
+
+    duration: Any
+    request_size: Any
+    response_size: Any
+    ok: Any
 
 
 class GatewayMetrics:
@@ -68,6 +81,7 @@ class GatewayMetrics:
             registry=registry,
         )
         self._protection_metrics(registry)
+        self._instruments: dict[str, RequestInstruments] = {}
         build = Gauge("moat_build_info", "Gateway version.", ["version"], registry=registry)
         build.labels(version=__version__).set(1)
 
@@ -113,6 +127,18 @@ class GatewayMetrics:
     def model_label(self, name: str) -> str:
         """``name`` if it is a configured model, else the bounded placeholder."""
         return name if name in self._models else UNKNOWN_MODEL
+
+    def for_model(self, label: str) -> RequestInstruments:
+        """The per-request series of ``label`` (a :meth:`model_label`)."""
+        instruments = self._instruments.get(label)
+        if instruments is None:  # a race builds the same children twice: labels() returns one child
+            instruments = self._instruments[label] = RequestInstruments(
+                duration=self.request_duration.labels(model=label),
+                request_size=self.request_size.labels(model=label),
+                response_size=self.response_size.labels(model=label),
+                ok=self.requests.labels(model=label, code="OK"),
+            )
+        return instruments
 
 
 class MetricsServer:

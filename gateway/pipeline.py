@@ -63,6 +63,11 @@ class DataPlane:
     ) -> None:
         self.models = models
         self._metrics = metrics
+        # Each model's per-request histograms, labelled once (labels() locks and builds a key per call).
+        self._backend_timers = {name: metrics.backend_duration.labels(model=name, backend=served.config.backend.name)
+                                for name, served in models.items()}
+        self._admission_timers = {name: metrics.stage_duration.labels(model=name, stage="admission")
+                                  for name in models}
         self._clock = clock
         self.traffic: defaultdict[str, ClientTraffic] = defaultdict(ClientTraffic)
         self._in_flight = 0  # requests being answered now (on the loop: no lock)
@@ -142,7 +147,7 @@ class DataPlane:
             if snapshot is None and not protection.tiers[client.tier].trusted:
                 snapshot = await self._look_up(client, lambda: protection.snapshot(client.id))
             protection.admit(client, snapshot)
-            self._stage("admission", request.model_name, started)
+            self._admission_timers[request.model_name].observe(self._clock() - started)
         started = self._clock()
         try:
             response = await served.backend.infer(request, deadline, while_waiting=self._while_waiting())
@@ -150,9 +155,7 @@ class DataPlane:
             if served.config.backend.name == "upstream":
                 self._metrics.upstream_errors.labels(model=request.model_name, code=error.code.name).inc()
             raise
-        self._metrics.backend_duration.labels(
-            model=request.model_name, backend=served.config.backend.name
-        ).observe(self._clock() - started)
+        self._backend_timers[request.model_name].observe(self._clock() - started)
         if protection is not None:
             await self._protect(served, client, request, response, metadata)
         response.outputs = _selected_outputs(response, metadata, request.requested_outputs)
@@ -259,9 +262,6 @@ class DataPlane:
         if self._on_loop is not None:
             self._on_loop.run()
         return await self._detection.call(client, function)
-
-    def _stage(self, stage: str, model: str, started: float) -> None:
-        self._metrics.stage_duration.labels(model=model, stage=stage).observe(self._clock() - started)
 
 
 @contextmanager
