@@ -164,9 +164,10 @@ class DataPlane:
         return response
 
     def _while_waiting(self) -> Callable[[], None] | None:
-        """What the loop may do while this request waits for its model: the previous answers'
-        deferred detection, when this is the only request in flight (under load, jobs gather for
-        a few milliseconds instead, see :meth:`LoopDetection.submit`)."""
+        """What the loop may do while this request waits for its model: the deferred detection
+        still queued when this is the only request in flight (jobs submitted alone already ran
+        after their answer; under load they gather for a few milliseconds, see
+        :meth:`LoopDetection.submit`)."""
         if self._on_loop is not None and self._on_loop.pending and self._in_flight == 1:
             return self._on_loop.run_queued
         return None
@@ -206,8 +207,8 @@ class DataPlane:
             await self._keep_evidence(protection, client, marked)
         # Queued after the evidence: queued before, the evidence write would run it first, on
         # the answer's path.
-        if self._on_loop is not None:
-            self._on_loop.submit(client.id, lambda: protection.observe(client, batch))
+        if self._on_loop is not None:  # alone in flight: detected right after the answer leaves
+            self._on_loop.submit(client.id, lambda: protection.observe(client, batch), soon=self._in_flight == 1)
         else:
             self._detection.submit(client.id, lambda: protection.observe(client, batch))
         return outputs

@@ -99,6 +99,28 @@ def test_shards_must_be_positive() -> None:
         DetectionWorker(shards=0)
 
 
+def test_a_job_submitted_alone_runs_on_the_loops_next_turn_with_the_gathered_ones_first() -> None:
+    """A request alone in flight is detected as soon as its answer is on its way (the loop's next
+    turn), not after the gathering delay; jobs gathered before it run first, in order."""
+    from gateway.deferred import BATCH_SECONDS, LoopDetection
+
+    async def scenario() -> None:
+        detection = LoopDetection()
+        seen: list[str] = []
+        detection.submit("alice", lambda: seen.append("alice"))  # under load: gathered
+        detection.submit("bob", lambda: seen.append("bob"), soon=True)
+        assert seen == []  # not inline: the answer is handed to gRPC first
+        started = asyncio.get_running_loop().time()
+        await asyncio.sleep(0)
+        assert seen == ["alice", "bob"] and not detection.pending
+        assert asyncio.get_running_loop().time() - started < BATCH_SECONDS
+        await asyncio.sleep(2 * BATCH_SECONDS)  # the gathering timer was replaced, not left to fire
+        assert seen == ["alice", "bob"]
+        detection.close()
+
+    asyncio.run(scenario())
+
+
 def test_loop_detection_runs_in_order_when_the_loop_is_free_and_reports_failures_once() -> None:
     from gateway.deferred import BATCH_SECONDS, LoopDetection
 
