@@ -4,13 +4,15 @@ write ``DIR/bench.json``.
 Scenarios (``--scenarios``, default all): ``overhead`` (:mod:`evaluation.bench.overhead`),
 ``detectors`` (:mod:`evaluation.bench.components`), ``state`` (:mod:`evaluation.bench.state`) and
 ``embedded`` (:mod:`evaluation.bench.embedded`). ``--quick`` runs each at toy size (a smoke test of
-the harness, not a measurement). Numbers depend on the machine and on what else runs on it: the
+the harness, not a measurement). ``--compare NAME=TREE`` adds to ``overhead`` a contender running
+another checkout's code (an A/B). Numbers depend on the machine and on what else runs on it: the
 client, the proxies and the model server share its cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 import tempfile
@@ -46,6 +48,17 @@ def _names(valid: tuple[str, ...]) -> Any:
     return parse
 
 
+def _compare(text: str) -> tuple[str, Path]:
+    """``NAME=TREE`` of ``--compare``: a contender name and a moat checkout to serve it from."""
+    name, sep, tree = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or not tree:
+        raise argparse.ArgumentTypeError(f"expected NAME=TREE (NAME of letters, digits, '.', '_', '-'), got {text!r}")
+    path = Path(tree).expanduser().resolve()
+    if not (path / "gateway" / "cli.py").is_file():
+        raise argparse.ArgumentTypeError(f"{tree!r} is not a moat checkout (no gateway/cli.py in it)")
+    return name, path
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``moat bench`` options to ``parser``."""
     parser.add_argument("--out", required=True, type=Path, help="directory for bench.json (created)")
@@ -57,6 +70,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=_ints, help="two client counts for the store (default 10,100000)")
     parser.add_argument("--stores", type=_names(("memory", "sqlite", "redis")), default=("memory", "sqlite"),
                         help="stores of the detector-history measurement (default memory,sqlite)")
+    parser.add_argument("--compare", type=_compare, action="append", default=[], metavar="NAME=TREE",
+                        help="overhead: also run moat-full from the moat checkout TREE as contender "
+                             "moat-full@NAME (an A/B of a change; repeatable)")
     parser.add_argument("--client-stores", type=_names(("memory", "sqlite", "redis")), default=("sqlite", "redis"),
                         help="stores of the 10-vs-100,000-clients measurement (default sqlite,redis)")
 
@@ -69,6 +85,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         settings["rounds"] = args.rounds
     if args.histories:
         settings["histories"] = args.histories
+    names = [name for name, _ in args.compare]
+    if names and "overhead" not in args.scenarios:
+        raise ValueError("--compare: applies to the overhead scenario, which is not among --scenarios")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--compare: each NAME once, got {', '.join(names)}")
     if args.clients:
         if len(args.clients) != 2:
             raise ValueError(f"--clients: give two counts (few,many), got {','.join(map(str, args.clients))}")
@@ -111,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 def _overhead(workdir: Path, s: dict[str, Any], args: argparse.Namespace) -> tuple[list, list]:
     from evaluation.bench.overhead import overhead_ratios, run_overhead
 
-    results = run_overhead(workdir, requests=s["requests"], rounds=s["rounds"])
+    results = run_overhead(workdir, requests=s["requests"], rounds=s["rounds"], compare=dict(args.compare))
     return results, overhead_ratios(results)
 
 

@@ -11,14 +11,18 @@ loopback, driven by the stock tritonclient (batch-1 requests of Fashion-MNIST te
   coverage detector hashes pixels here (``source: auto``): an upstream backend has no
   penultimate features to hash.
 
+``moat bench --compare NAME=TREE`` adds ``moat-full@NAME``: the same full protection served by the
+code in another checkout (say ``git worktree add /tmp/before HEAD~1``), an A/B of a change.
+
 Rounds interleave the contenders (the order rotates each round) so that load from other
-processes hits them alike; each figure is the median over rounds.
+processes hits them alike; each figure is the median over rounds. The proxy's and each gateway's
+CPU time per request (read from /proc around each round) is kept with its results.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +50,13 @@ def bench_keys(workdir: Path, clients: int) -> tuple[Path, list[str]]:
     return path, keys
 
 
-def moat_config(workdir: Path, upstream: str, keys_file: Path, *, protected: bool) -> Path:
-    """The demo config forwarding to ``upstream``; with ``protected=False`` its protection is removed."""
+def moat_config(workdir: Path, upstream: str, keys_file: Path, *, protected: bool, name: str = "") -> Path:
+    """The demo config forwarding to ``upstream``; with ``protected=False`` its protection is removed.
+    ``name`` (default ``moat-full`` / ``moat-off``) names its file and its SQLite state."""
+    name = name or f"moat-{'full' if protected else 'off'}"
     data = yaml.safe_load(DEMO_CONFIG.read_text())
     data["auth"] = {"keys_file": str(keys_file), "server_secret_file": str(DEMO_CONFIG.parent / "demo-secret")}
-    data["state"] = ({"name": "sqlite", "params": {"path": str(workdir / "moat-full-state.db")}}
+    data["state"] = ({"name": "sqlite", "params": {"path": str(workdir / f"{name}-state.db")}}
                      if protected else {"name": "memory"})
     for model in data["models"]:
         model["backend"] = {"name": "upstream", "params": {"address": upstream, "model": model["name"]}}
@@ -61,14 +67,15 @@ def moat_config(workdir: Path, upstream: str, keys_file: Path, *, protected: boo
         for detector in model.get("detectors", []):
             if detector.get("params", {}).get("source") == "embedding":
                 detector["params"]["source"] = "auto"
-    path = workdir / f"moat-{'full' if protected else 'off'}.yaml"
+    path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
 
-def start_contenders(procs: Processes, workdir: Path, clients: int,
-                     contenders: Sequence[str] = CONTENDERS) -> tuple[dict[str, str], list[str]]:
-    """Start KServe, the proxy and both gateways; returns contender -> address, and the API keys."""
+def start_contenders(procs: Processes, workdir: Path, clients: int, contenders: Sequence[str] = CONTENDERS,
+                     compare: Mapping[str, Path] | None = None) -> tuple[dict[str, str], list[str]]:
+    """Start KServe, the proxy and both gateways, and a ``moat-full@NAME`` gateway running the code
+    of each ``compare`` tree (NAME -> a checkout of moat); returns contender -> address, and the API keys."""
     from evaluation import zoo
 
     upstream = procs.kserve({name: zoo.zoo_path(name) for name in OUTPUTS}, OUTPUTS)
@@ -79,6 +86,10 @@ def start_contenders(procs: Processes, workdir: Path, clients: int,
     for name, protected in (("moat-off", False), ("moat-full", True)):
         if name in contenders:
             addresses[name] = procs.gateway(name, moat_config(workdir, upstream, keys_file, protected=protected))
+    for label, tree in (compare or {}).items():
+        name = f"moat-full@{label}"
+        config = moat_config(workdir, upstream, keys_file, protected=True, name=name)
+        addresses[name] = procs.gateway(name, config, tree=tree)
     return addresses, keys
 
 
@@ -90,8 +101,9 @@ def test_images(count: int, seed: int) -> np.ndarray:
     return images[np.random.default_rng(seed).permutation(len(images))[:count]]
 
 
-async def _measure(addresses: dict[str, str], keys: list[str], images: np.ndarray, models: Sequence[str],
-                   concurrencies: Sequence[int], requests: dict[int, int], rounds: int) -> list[Result]:
+async def _measure(procs: Processes, addresses: dict[str, str], keys: list[str], images: np.ndarray,
+                   models: Sequence[str], concurrencies: Sequence[int], requests: dict[int, int],
+                   rounds: int) -> list[Result]:
     loads = {(c, m): Load(addresses[c], m, images, keys) for c in addresses for m in models}
     for load in loads.values():
         await load.__aenter__()
@@ -105,7 +117,11 @@ async def _measure(addresses: dict[str, str], keys: list[str], images: np.ndarra
             for model in models:
                 for concurrency in concurrencies:
                     for contender in order:
+                        before = procs.cpu_seconds(contender)
                         sample = await loads[contender, model].run(concurrency, requests[concurrency])
+                        after = procs.cpu_seconds(contender)
+                        if before is not None and after is not None:
+                            sample = Sample(sample.latencies, sample.wall_s, cpu_s=after - before)
                         samples.setdefault((contender, model, concurrency), []).append(sample)
     finally:
         for load in loads.values():
@@ -117,15 +133,19 @@ async def _measure(addresses: dict[str, str], keys: list[str], images: np.ndarra
 
 def run_overhead(workdir: Path, *, models: Sequence[str] = tuple(OUTPUTS), concurrencies: Sequence[int] = (1, 32),
                  requests: dict[int, int] | None = None, rounds: int = 5, clients: int = 32,
-                 seed: int = 0, contenders: Sequence[str] = CONTENDERS) -> list[Result]:
-    """Measure every contender at each concurrency on each model; results sorted by model."""
+                 seed: int = 0, contenders: Sequence[str] = CONTENDERS,
+                 compare: Mapping[str, Path] | None = None) -> list[Result]:
+    """Measure every contender at each concurrency on each model; results sorted by model. With
+    ``compare`` (NAME -> a moat checkout), ``moat-full@NAME`` runs that code's full protection in
+    the same rounds: an A/B of a change, side by side with the bare proxy."""
     requests = requests or {1: 300, 32: 1500}
     with Processes(workdir) as procs:
-        addresses, keys = start_contenders(procs, workdir, clients, contenders)
-        addresses = {name: address for name, address in addresses.items() if name in contenders}
+        addresses, keys = start_contenders(procs, workdir, clients, contenders, compare)
+        wanted = [*contenders, *(f"moat-full@{label}" for label in compare or {})]
+        addresses = {name: address for name, address in addresses.items() if name in wanted}
         images = test_images(1000, seed)
-        results = asyncio.run(_measure(addresses, keys, images, models, concurrencies, requests, rounds))
-    order = {c: i for i, c in enumerate(CONTENDERS)}
+        results = asyncio.run(_measure(procs, addresses, keys, images, models, concurrencies, requests, rounds))
+    order = {c: i for i, c in enumerate(wanted)}
     return sorted(results, key=lambda r: (r.model, r.concurrency, order[r.contender]))
 
 
@@ -142,7 +162,8 @@ def overhead_ratios(results: Sequence[Result]) -> list[dict[str, Any]]:
             base = find(results, scenario="overhead", model=model, contender="bare-proxy", concurrency=concurrency)
             if base is None:
                 continue
-            for contender in ("direct", "moat-off", "moat-full"):
+            compared = sorted({r.contender for r in results if r.contender.startswith("moat-full@")})
+            for contender in ("direct", "moat-off", "moat-full", *compared):
                 mine = find(results, scenario="overhead", model=model, contender=contender, concurrency=concurrency)
                 if mine is None:
                     continue

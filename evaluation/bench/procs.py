@@ -49,6 +49,7 @@ class Processes:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self._procs: list[GatewayProcess] = []
+        self.pids: dict[str, int] = {}  # the proxy's and each gateway's process, by contender
 
     def __enter__(self) -> Processes:
         return self
@@ -95,6 +96,7 @@ class Processes:
     def proxy(self, upstream: str) -> str:
         """The bare pass-through proxy in front of ``upstream``; returns its address."""
         proc = self._spawn("bare-proxy", [sys.executable, "-m", "evaluation.bench.proxy", "--upstream", upstream])
+        self.pids["bare-proxy"] = proc.popen.pid
 
         def serving() -> int | None:
             for line in proc.output().splitlines():
@@ -105,11 +107,26 @@ class Processes:
         port = self._wait(proc, serving, "the bare proxy", 60)
         return f"127.0.0.1:{port}"
 
-    def gateway(self, name: str, config: Path) -> str:
-        """``moat serve`` with ``config`` on free ports; returns its gRPC address."""
-        proc = launch_gateway(config, self.workdir / f"{name}.log", timeout=600, cwd=REPO)
+    def gateway(self, name: str, config: Path, tree: Path = REPO) -> str:
+        """``moat serve`` with ``config`` on free ports, running the code in ``tree`` (a checkout
+        of moat: this one by default, or e.g. a ``git worktree`` of an older commit); returns its
+        gRPC address."""
+        proc = launch_gateway(config, self.workdir / f"{name}.log", timeout=600, cwd=tree)
         self._procs.append(proc)
+        self.pids[name] = proc.popen.pid
         return proc.address
+
+    def cpu_seconds(self, name: str) -> float | None:
+        """CPU time (user + system, seconds) the contender's own process has used so far; None for
+        one without a process of its own (``direct``) or where /proc is not there to read."""
+        pid = self.pids.get(name)
+        if pid is None:
+            return None
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def redis(self) -> str:
         """A throwaway redis-server (no persistence) on a free port; returns its URL."""

@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -43,10 +43,16 @@ class Result:
 
 @dataclass(frozen=True)
 class Sample:
-    """One round of one contender: request latencies (seconds, float [n]) and the round's wall time."""
+    """One round of one contender: request latencies (seconds, float [n]), the round's wall time,
+    and the CPU time its own process (proxy or gateway) used in it, where it has one."""
 
     latencies: np.ndarray
     wall_s: float
+    cpu_s: float | None = None
+
+    @property
+    def cpu_ms_per_request(self) -> float | None:
+        return None if self.cpu_s is None else self.cpu_s * 1e3 / len(self.latencies)
 
     @property
     def p50_ms(self) -> float:
@@ -63,16 +69,25 @@ class Sample:
 
 def median_result(samples: Sequence[Sample], **key: Any) -> Result:
     """The median over rounds of each figure (rounds are interleaved with other contenders); each
-    round's figures are kept in ``extra["per_round"]``, in round order, for paired ratios."""
-    per_round = {"p50_ms": [s.p50_ms for s in samples], "p99_ms": [s.p99_ms for s in samples],
-                 "throughput_rps": [s.throughput_rps for s in samples]}
+    round's figures are kept in ``extra["per_round"]``, in round order, for paired ratios. Where
+    the contender's process CPU was read, ``extra["cpu_ms_per_request"]`` is its median over
+    rounds (on a machine the client and the model server share, CPU per request is what
+    throughput under load follows)."""
+    per_round: dict[str, list[float]] = {
+        "p50_ms": [s.p50_ms for s in samples], "p99_ms": [s.p99_ms for s in samples],
+        "throughput_rps": [s.throughput_rps for s in samples]}
+    extra: dict[str, Any] = {"per_round": per_round}
+    cpu = [s.cpu_ms_per_request for s in samples]
+    if samples and all(c is not None for c in cpu):
+        per_round["cpu_ms_per_request"] = cast(list[float], cpu)
+        extra["cpu_ms_per_request"] = statistics.median(per_round["cpu_ms_per_request"])
     return Result(
         **key,
         p50_ms=statistics.median(per_round["p50_ms"]),
         p99_ms=statistics.median(per_round["p99_ms"]),
         throughput_rps=statistics.median(per_round["throughput_rps"]),
         rounds=len(samples),
-        extra={"per_round": per_round},
+        extra=extra,
     )
 
 
@@ -139,10 +154,11 @@ def table(rows: Sequence[Sequence[Any]], head: Sequence[str]) -> str:
 
 
 def results_table(results: Sequence[Result]) -> str:
+    """Every result; ``cpu ms`` is the contender's own process's CPU per request (overhead)."""
     rows = [[r.scenario, r.model, r.contender, r.store, r.batch, r.concurrency, r.history, r.clients, r.p50_ms,
-             r.p99_ms, r.throughput_rps, r.bytes_per_client] for r in results]
+             r.p99_ms, r.throughput_rps, r.extra.get("cpu_ms_per_request"), r.bytes_per_client] for r in results]
     return table(rows, ["scenario", "model", "contender", "store", "batch", "conc", "history", "clients",
-                        "p50 ms", "p99 ms", "per s", "B/client"])
+                        "p50 ms", "p99 ms", "per s", "cpu ms", "B/client"])
 
 
 def ratio_table(ratios: Sequence[dict[str, Any]]) -> str:
