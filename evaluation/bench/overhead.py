@@ -22,6 +22,7 @@ CPU time per request (read from /proc around each round) is kept with its result
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from evaluation.bench.results import Result, Sample, find, median_result, paired
 
 DEMO_CONFIG = REPO / "deploy" / "configs" / "demo.yaml"
 CONTENDERS = ("direct", "bare-proxy", "moat-off", "moat-full")
+COMPARED = "moat-full@"  # + NAME: moat-full served from another checkout (``--compare NAME=TREE``)
 OUTPUTS = {"fashion-classifier": "probabilities", "fashion-encoder": "embedding"}
 
 
@@ -87,7 +89,7 @@ def start_contenders(procs: Processes, workdir: Path, clients: int, contenders: 
         if name in contenders:
             addresses[name] = procs.gateway(name, moat_config(workdir, upstream, keys_file, protected=protected))
     for label, tree in (compare or {}).items():
-        name = f"moat-full@{label}"
+        name = COMPARED + label
         config = moat_config(workdir, upstream, keys_file, protected=True, name=name)
         addresses[name] = procs.gateway(name, config, tree=tree)
     return addresses, keys
@@ -121,7 +123,7 @@ async def _measure(procs: Processes, addresses: dict[str, str], keys: list[str],
                         sample = await loads[contender, model].run(concurrency, requests[concurrency])
                         after = procs.cpu_seconds(contender)
                         if before is not None and after is not None:
-                            sample = Sample(sample.latencies, sample.wall_s, cpu_s=after - before)
+                            sample = dataclasses.replace(sample, cpu_s=after - before)
                         samples.setdefault((contender, model, concurrency), []).append(sample)
     finally:
         for load in loads.values():
@@ -141,7 +143,7 @@ def run_overhead(workdir: Path, *, models: Sequence[str] = tuple(OUTPUTS), concu
     requests = requests or {1: 300, 32: 1500}
     with Processes(workdir) as procs:
         addresses, keys = start_contenders(procs, workdir, clients, contenders, compare)
-        wanted = [*contenders, *(f"moat-full@{label}" for label in compare or {})]
+        wanted = [*contenders, *(COMPARED + label for label in compare or {})]
         addresses = {name: address for name, address in addresses.items() if name in wanted}
         images = test_images(1000, seed)
         results = asyncio.run(_measure(procs, addresses, keys, images, models, concurrencies, requests, rounds))
@@ -157,12 +159,12 @@ def overhead_ratios(results: Sequence[Result]) -> list[dict[str, Any]]:
     machine a ratio moves by ±0.1 between runs, and a target whose spread straddles its bound is
     within that noise, while one whose whole spread lies beyond it missed in most rounds."""
     ratios = []
+    compared = sorted({r.contender for r in results if r.contender.startswith(COMPARED)})
     for model in sorted({r.model for r in results if r.scenario == "overhead"}):
         for concurrency, figure, bound, upper in ((1, "p50_ms", 1.3, True), (32, "throughput_rps", 0.75, False)):
             base = find(results, scenario="overhead", model=model, contender="bare-proxy", concurrency=concurrency)
             if base is None:
                 continue
-            compared = sorted({r.contender for r in results if r.contender.startswith("moat-full@")})
             for contender in ("direct", "moat-off", "moat-full", *compared):
                 mine = find(results, scenario="overhead", model=model, contender=contender, concurrency=concurrency)
                 if mine is None:
