@@ -116,7 +116,8 @@ class TransactionCache:
         entry: Entry
         if kind == "bits":
             row = conn.execute("SELECT bits FROM bitmaps WHERE key = ?", (key,)).fetchone()
-            entry = None if row is None else np.frombuffer(row[0], np.uint8).copy()
+            # Read-only over the blob: set_bits replaces a bitmap, never changes one in place.
+            entry = None if row is None else np.frombuffer(row[0], np.uint8)
         elif kind == "hash":
             rows = conn.execute("SELECT field, num, text FROM hashes WHERE key = ?", (key,)).fetchall()
             entry = {name: (text if text is not None else float(num)) for name, num, text in rows}
@@ -146,11 +147,13 @@ class TransactionCache:
         slot = ("bits", key)
         current = self._get(conn, "bits", key)
         known = self._counts.get(slot)
-        if current is None or known is None or known[0] is not current or known[1] != segment_bits \
-                or current.size * 8 != total_bits:
+        if current is None or current.size * 8 != total_bits:
             bits = packed_with_bits(current, positions, total_bits)  # type: ignore[arg-type]
             counts = segment_counts(bits, segment_bits)
         else:
+            if known is None or known[0] is not current or known[1] != segment_bits:
+                # Loaded (a client not seen lately): count it once, then set bits as for any other.
+                known = self._counts[slot] = (current, segment_bits, segment_counts(current, segment_bits))
             # Counts kept per bitmap and moved by the newly set bits only: counting all of a
             # 10 KB bitmap's bits was a third of the coverage detector's cost per request.
             positions = np.asarray(positions, dtype=np.int64)

@@ -149,3 +149,16 @@ def test_the_cache_evicts_beyond_its_bound_and_still_answers(tmp_path: Path) -> 
     with store.transaction():
         assert [int(store.count_bits(f"m/c{i}/bits", TOTAL * 8, SEG).sum()) for i in range(50)] == [1] * 50
     store.close()
+
+
+def test_bits_set_on_a_bitmap_loaded_from_the_file_count_what_it_held(tmp_path: Path) -> None:
+    # A client not seen lately: its bitmap comes from the file, its counts are not cached yet.
+    SqliteStore(tmp_path / "s.db", 5000, cache_bytes=0).set_bits("m/a/bits", np.array([1, 200]), TOTAL, SEG)
+    store = SqliteStore(tmp_path / "s.db", 5000)
+    with store.transaction():
+        assert store.set_bits("m/a/bits", np.array([200]), TOTAL, SEG).tolist() == [1, 0, 0, 1]  # no new bit
+        assert store.set_bits("m/a/bits", np.array([2, 201]), TOTAL, SEG).tolist() == [2, 0, 0, 2]
+    uncached = SqliteStore(tmp_path / "s.db", 5000, cache_bytes=0)
+    assert uncached.count_bits("m/a/bits", TOTAL, SEG).tolist() == [2, 0, 0, 2]
+    store.close()
+    uncached.close()
