@@ -127,6 +127,8 @@ def create_store(name: str, params: Mapping[str, Any], where: str = "state") -> 
 def segment_counts(bits: np.ndarray, segment_bits: int) -> np.ndarray:
     """Set bits per segment of a packed little-endian-bit bitmap (uint8 [total_bits // 8]):
     int64 [total_bits // segment_bits]."""
+    if segment_bits % 64 == 0 and bits.size % 8 == 0:  # whole words per segment: popcount 8 bytes at a time
+        return np.bitwise_count(bits.view(np.uint64)).reshape(-1, segment_bits // 64).sum(axis=1, dtype=np.int64)
     if segment_bits % 8 == 0:  # whole bytes per segment: popcount them (6x faster than unpacking 10 KB)
         return np.bitwise_count(bits).reshape(-1, segment_bits // 8).sum(axis=1, dtype=np.int64)
     unpacked = np.unpackbits(bits, bitorder="little")

@@ -8,7 +8,7 @@ import pytest
 from gateway.state.base import packed_with_bits, segment_counts
 
 
-@pytest.mark.parametrize("segment_bits", [4, 8, 24, 4096])
+@pytest.mark.parametrize("segment_bits", [4, 8, 24, 64, 4096])
 def test_segment_counts_count_the_set_bits_of_each_segment(segment_bits: int) -> None:
     rng = np.random.default_rng(segment_bits)
     total_bits = 8 * segment_bits * 3  # a multiple of both 8 and the segment
@@ -19,3 +19,6 @@ def test_segment_counts_count_the_set_bits_of_each_segment(segment_bits: int) ->
         expected[position // segment_bits] += 1
     counts = segment_counts(bits, segment_bits)
     assert counts.dtype == np.int64 and counts.tolist() == expected.tolist()
+    # As stores load it: read-only over a blob, here one that starts off an 8-byte boundary.
+    unaligned = np.frombuffer(b"\0" + bits.tobytes(), np.uint8, offset=1)
+    assert segment_counts(unaligned, segment_bits).tolist() == expected.tolist()
