@@ -77,6 +77,26 @@ def demo_batches(model: str, seed: int = 0) -> Callable[[int], QueryBatch]:
     return draw_classifier
 
 
+def honest_batches(model: str, seed: int = 0, pool: int = 20, jitter: float = 0.01) -> Callable[[int], QueryBatch]:
+    """Queries of a narrow, honest client (B4B's premise): each is one of ``pool`` fixed queries of
+    :func:`demo_batches` with its answer (and embedding) jittered by ``jitter``·N(0, 1), so an
+    encoder's client covers a few buckets and stays unflagged however many queries it sends."""
+    rng = np.random.default_rng(seed + 1)
+    base = demo_batches(model, seed)(pool)
+
+    def jittered(values: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+        if values is None:
+            return None
+        return (values[idx] + jitter * rng.standard_normal(values[idx].shape)).astype(np.float32)
+
+    def draw(n: int) -> QueryBatch:
+        idx = rng.integers(0, pool, n)
+        return QueryBatch(model, base.kind, base.inputs[idx], jittered(base.outputs, idx),  # type: ignore[arg-type]
+                          embeddings=jittered(base.embeddings, idx))
+
+    return draw
+
+
 def grow(protection: ModelProtection, client: str, draw: Callable[[int], QueryBatch], queries: int) -> None:
     """Add ``queries`` queries to ``client``'s detector state, 1,000 at a time."""
     detectors = protection.tiers["standard"].detectors.values()
@@ -193,11 +213,14 @@ def time_protect(protection: ModelProtection, draw: Callable[[int], QueryBatch],
 def clients_results(stores: dict[str, tuple[StateStore, StateStore]], model: str, counts: tuple[int, int],
                     calls: int, rounds: int, seed: int = 0) -> list[Result]:
     """The protect stage's per-request cost (batch 1) with ``counts[0]`` vs ``counts[1]`` clients in
-    the store: two stores per kind, populated through the protect stage, timed in alternating rounds."""
+    the store: two stores per kind, populated through the protect stage, timed in alternating rounds.
+    The clients are honest (:func:`honest_batches`): with :func:`demo_batches`' thief-like answers the
+    few clients, sent thousands of queries each, became flagged halfway and paid for the defenses'
+    flagged path while the many stayed unflagged, so the two counts did not do the same work."""
     results = []
     rng = np.random.default_rng(seed)
     for store_name, (small, large) in stores.items():
-        draw = demo_batches(model, seed)
+        draw = honest_batches(model, seed)
         protections = (demo_protection(model, small), demo_protection(model, large))
         for protection, count in zip(protections, counts, strict=True):
             populate(protection, draw, count)
