@@ -1,7 +1,8 @@
 """Scenario ``overhead``: what moat adds to a request, against the floor of any Python gRPC hop.
 
 Four contenders answer the demo classifier and encoder from one real KServe ModelServer, all over
-loopback, driven by the stock tritonclient (batch-1 requests of Fashion-MNIST test images):
+loopback, driven by the stock tritonclient (batch-1 requests of Fashion-MNIST images, none sent twice
+to one contender: honest clients, see :func:`distinct_images`):
 
 - ``direct``: the client talks to KServe itself;
 - ``bare-proxy``: through :mod:`evaluation.bench.proxy` (bytes in, bytes out);
@@ -38,6 +39,7 @@ DEMO_CONFIG = REPO / "deploy" / "configs" / "demo.yaml"
 CONTENDERS = ("direct", "bare-proxy", "moat-off", "moat-full")
 COMPARED = "moat-full@"  # + NAME: moat-full served from another checkout (``--compare NAME=TREE``)
 OUTPUTS = {"fashion-classifier": "probabilities", "fashion-encoder": "embedding"}
+WARM_UP = (8, 64)  # concurrency and requests of each load's warm-up round
 
 
 def bench_keys(workdir: Path, clients: int) -> tuple[Path, list[str]]:
@@ -96,11 +98,25 @@ def start_contenders(procs: Processes, workdir: Path, clients: int, contenders: 
 
 
 def test_images(count: int, seed: int) -> np.ndarray:
-    """``count`` Fashion-MNIST test images, float32 [count, 1, 28, 28] in [0, 1], in a seeded order."""
+    """``count`` Fashion-MNIST images, float32 [count, 1, 28, 28] in [0, 1]: the test set in a seeded
+    order, then (beyond its 10,000) the training set's, up to 70,000."""
     from evaluation.data import load_fashion_mnist
 
-    images = load_fashion_mnist("test").images
-    return images[np.random.default_rng(seed).permutation(len(images))[:count]]
+    rng = np.random.default_rng(seed)
+    pools = [load_fashion_mnist(split).images for split in ("test", "train")]
+    if count > sum(map(len, pools)):
+        raise ValueError(f"count must be <= {sum(map(len, pools))} (Fashion-MNIST's images), got {count}")
+    ordered = [pool[rng.permutation(len(pool))] for pool in pools]
+    return np.concatenate(ordered)[:count] if count > len(pools[0]) else ordered[0][:count]
+
+
+def distinct_images(requests: Mapping[int, int], rounds: int, seed: int) -> np.ndarray:
+    """As many images as one load sends in a run (warm-up included), so that no client sends one
+    twice: a small pool cycled through made every bench client repeat exact images, which PRADA
+    reads as a thief's synthetic stream (all 32 were flagged, and full protection was measured on
+    flagged clients' answers); honest users mostly send an image once."""
+    per_load = WARM_UP[1] + rounds * sum(requests.values())
+    return test_images(min(per_load, 70_000), seed)
 
 
 async def _measure(procs: Processes, addresses: dict[str, str], keys: list[str], images: np.ndarray,
@@ -111,7 +127,7 @@ async def _measure(procs: Processes, addresses: dict[str, str], keys: list[str],
         await load.__aenter__()
     try:
         for load in loads.values():  # warm-up: channels, model caches, the first state rows
-            await load.run(8, 64)
+            await load.run(*WARM_UP)
         samples: dict[tuple[str, str, int], list[Sample]] = {}
         contenders = list(addresses)
         for r in range(rounds):
@@ -145,7 +161,7 @@ def run_overhead(workdir: Path, *, models: Sequence[str] = tuple(OUTPUTS), concu
         addresses, keys = start_contenders(procs, workdir, clients, contenders, compare)
         wanted = [*contenders, *(COMPARED + label for label in compare or {})]
         addresses = {name: address for name, address in addresses.items() if name in wanted}
-        images = test_images(1000, seed)
+        images = distinct_images({c: requests[c] for c in concurrencies}, rounds, seed)
         results = asyncio.run(_measure(procs, addresses, keys, images, models, concurrencies, requests, rounds))
     order = {c: i for i, c in enumerate(wanted)}
     return sorted(results, key=lambda r: (r.model, r.concurrency, order[r.contender]))

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.servers.procs import REPO
 
 FIELDS = {"scenario", "model", "contender", "concurrency", "history", "clients", "p50_ms", "p99_ms",
@@ -56,3 +58,15 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
     assert ratio["per_round"] == [mine / base for mine, base in rounds]
     assert min(ratio["per_round"]) <= ratio["spread"][0] <= ratio["spread"][1] <= max(ratio["per_round"])
     assert "moat-full" in run.stdout and "bare-proxy" in run.stdout
+
+
+def test_overhead_clients_send_each_image_once() -> None:
+    import numpy as np
+
+    from evaluation.bench.overhead import WARM_UP, distinct_images, test_images
+
+    images = distinct_images({1: 300, 32: 1500}, rounds=7, seed=0)  # past the test set's 10,000
+    assert len(images) == WARM_UP[1] + 7 * 1800
+    assert len(np.unique(images.reshape(len(images), -1), axis=0)) == len(images)
+    with pytest.raises(ValueError, match="70000"):
+        test_images(70_001, seed=0)
