@@ -103,11 +103,14 @@ def test_images(count: int, seed: int) -> np.ndarray:
     from evaluation.data import load_fashion_mnist
 
     rng = np.random.default_rng(seed)
-    pools = [load_fashion_mnist(split).images for split in ("test", "train")]
-    if count > sum(map(len, pools)):
-        raise ValueError(f"count must be <= {sum(map(len, pools))} (Fashion-MNIST's images), got {count}")
-    ordered = [pool[rng.permutation(len(pool))] for pool in pools]
-    return np.concatenate(ordered)[:count] if count > len(pools[0]) else ordered[0][:count]
+    test = load_fashion_mnist("test").images
+    ordered = test[rng.permutation(len(test))[:count]]
+    if count <= len(test):
+        return ordered
+    train = load_fashion_mnist("train").images
+    if count > len(test) + len(train):
+        raise ValueError(f"count must be <= {len(test) + len(train)} (Fashion-MNIST's images), got {count}")
+    return np.concatenate([ordered, train[rng.permutation(len(train))[:count - len(test)]]])
 
 
 def distinct_images(requests: Mapping[int, int], rounds: int, seed: int) -> np.ndarray:
