@@ -84,15 +84,15 @@ def honest_batches(model: str, seed: int = 0, pool: int = 20, jitter: float = 0.
     rng = np.random.default_rng(seed + 1)
     base = demo_batches(model, seed)(pool)
 
-    def jittered(values: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
-        if values is None:
-            return None
-        return (values[idx] + jitter * rng.standard_normal(values[idx].shape)).astype(np.float32)
+    def jittered(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        picked = values[idx]
+        return (picked + jitter * rng.standard_normal(picked.shape)).astype(np.float32)
 
     def draw(n: int) -> QueryBatch:
         idx = rng.integers(0, pool, n)
-        return QueryBatch(model, base.kind, base.inputs[idx], jittered(base.outputs, idx),  # type: ignore[arg-type]
-                          embeddings=jittered(base.embeddings, idx))
+        outputs = jittered(base.outputs, idx)
+        embeddings = None if base.embeddings is None else jittered(base.embeddings, idx)
+        return QueryBatch(model, base.kind, base.inputs[idx], outputs, embeddings=embeddings)
 
     return draw
 

@@ -40,6 +40,7 @@ CONTENDERS = ("direct", "bare-proxy", "moat-off", "moat-full")
 COMPARED = "moat-full@"  # + NAME: moat-full served from another checkout (``--compare NAME=TREE``)
 OUTPUTS = {"fashion-classifier": "probabilities", "fashion-encoder": "embedding"}
 WARM_UP = (8, 64)  # concurrency and requests of each load's warm-up round
+FASHION_MNIST_IMAGES = 70_000  # its test and training sets: the most distinct images a load can send
 
 
 def bench_keys(workdir: Path, clients: int) -> tuple[Path, list[str]]:
@@ -107,9 +108,9 @@ def test_images(count: int, seed: int) -> np.ndarray:
     ordered = test[rng.permutation(len(test))[:count]]
     if count <= len(test):
         return ordered
+    if count > FASHION_MNIST_IMAGES:
+        raise ValueError(f"count must be <= {FASHION_MNIST_IMAGES} (Fashion-MNIST's images), got {count}")
     train = load_fashion_mnist("train").images
-    if count > len(test) + len(train):
-        raise ValueError(f"count must be <= {len(test) + len(train)} (Fashion-MNIST's images), got {count}")
     return np.concatenate([ordered, train[rng.permutation(len(train))[:count - len(test)]]])
 
 
@@ -119,7 +120,7 @@ def distinct_images(requests: Mapping[int, int], rounds: int, seed: int) -> np.n
     reads as a thief's synthetic stream (all 32 were flagged, and full protection was measured on
     flagged clients' answers); honest users mostly send an image once."""
     per_load = WARM_UP[1] + rounds * sum(requests.values())
-    return test_images(min(per_load, 70_000), seed)
+    return test_images(min(per_load, FASHION_MNIST_IMAGES), seed)
 
 
 async def _measure(procs: Processes, addresses: dict[str, str], keys: list[str], images: np.ndarray,
