@@ -40,7 +40,8 @@ CONTENDERS = ("direct", "bare-proxy", "moat-off", "moat-full")
 COMPARED = "moat-full@"  # + NAME: moat-full served from another checkout (``--compare NAME=TREE``)
 OUTPUTS = {"fashion-classifier": "probabilities", "fashion-encoder": "embedding"}
 WARM_UP = (8, 64)  # concurrency and requests of each load's warm-up round
-FASHION_MNIST_IMAGES = 70_000  # its test and training sets: the most distinct images a load can send
+FASHION_MNIST_IMAGES = 70_000
+UPSTREAM_BATCH_ROWS = 32  # as deploy/configs/sidecar.yaml  # its test and training sets: the most distinct images a load can send
 
 
 def bench_keys(workdir: Path, clients: int) -> tuple[Path, list[str]]:
@@ -55,9 +56,11 @@ def bench_keys(workdir: Path, clients: int) -> tuple[Path, list[str]]:
     return path, keys
 
 
-def moat_config(workdir: Path, upstream: str, keys_file: Path, *, protected: bool, name: str = "") -> Path:
+def moat_config(workdir: Path, upstream: str, keys_file: Path, *, protected: bool, name: str = "",
+                batch_rows: int = UPSTREAM_BATCH_ROWS) -> Path:
     """The demo config forwarding to ``upstream``; with ``protected=False`` its protection is removed.
-    ``name`` (default ``moat-full`` / ``moat-off``) names its file and its SQLite state."""
+    ``name`` (default ``moat-full`` / ``moat-off``) names its file and its SQLite state; concurrent
+    requests share upstream calls of up to ``batch_rows`` rows (1: each goes alone)."""
     name = name or f"moat-{'full' if protected else 'off'}"
     data = yaml.safe_load(DEMO_CONFIG.read_text())
     data["auth"] = {"keys_file": str(keys_file), "server_secret_file": str(DEMO_CONFIG.parent / "demo-secret")}
@@ -65,6 +68,8 @@ def moat_config(workdir: Path, upstream: str, keys_file: Path, *, protected: boo
                      if protected else {"name": "memory"})
     for model in data["models"]:
         model["backend"] = {"name": "upstream", "params": {"address": upstream, "model": model["name"]}}
+        if batch_rows > 1:
+            model["backend"]["params"]["max_batch_rows"] = batch_rows
         if not protected:
             for key in ("detectors", "defenses", "watermark", "policy"):
                 model.pop(key, None)

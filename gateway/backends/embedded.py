@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from gateway.backends.base import BACKENDS, check_params, parse_tensor_specs
-from gateway.backends.batching import DynamicBatcher
+from gateway.backends.batching import DynamicBatcher, batching_params, on_executor
 from gateway.config import ConfigError
 from gateway.errors import DeadlineExceeded
 from gateway.types import InferRequest, InferResponse, ModelMetadata
@@ -104,7 +104,7 @@ class EmbeddedBackend:
         # One worker: the model saturates the cores itself; more threads only contend.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embedded-{name}")
         batch_major = all(spec.shape[0] == -1 for spec in (*metadata.inputs, *metadata.outputs))
-        self.batcher = DynamicBatcher(self._run_batch, self._executor, max_rows=max_batch_rows,
+        self.batcher = DynamicBatcher(on_executor(self._run_batch, self._executor), max_rows=max_batch_rows,
                                       max_delay=max_batch_delay_ms / 1000.0) if batch_major else None
 
     async def start(self) -> None:
@@ -145,7 +145,7 @@ class EmbeddedBackend:
             tensor = torch.tensor(inputs, device=self._device).float()
             return self._model.features(tensor).detach().cpu().numpy().astype(np.float32, copy=False)
 
-    def _run_batch(self, method: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    def _run_batch(self, method: Hashable, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """One batch on the worker thread: outputs in declared order (``features``: one array)."""
         if method == "features":
             return [self._features(arrays[0])]
@@ -181,12 +181,7 @@ def create_embedded(name: str, params: Mapping[str, Any], where: str, **_: Any) 
         raise ConfigError(f"{where}", "the embedded backend needs torch: pip install 'moat[models]'")
     check_params(params, where, {*_SOURCES, "device", "inputs", "outputs", "max_batch_rows", "max_batch_delay_ms"},
                  {"inputs", "outputs"})
-    rows = params.get("max_batch_rows", DEFAULT_MAX_BATCH_ROWS)
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise ConfigError(f"{where}.max_batch_rows", f"must be an integer >= 1, got {rows!r}")
-    delay = params.get("max_batch_delay_ms", 0.0)
-    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 1000:
-        raise ConfigError(f"{where}.max_batch_delay_ms", f"must be a number of milliseconds in [0, 1000], got {delay!r}")
+    rows, delay = batching_params(params, where, DEFAULT_MAX_BATCH_ROWS)
     metadata = ModelMetadata(
         name=name,
         inputs=parse_tensor_specs(params["inputs"], f"{where}.inputs"),
@@ -196,4 +191,4 @@ def create_embedded(name: str, params: Mapping[str, Any], where: str, **_: Any) 
     )
     device = _resolve_device(str(params.get("device", "auto")), f"{where}.device")
     return EmbeddedBackend(name, _load_model(params, where), metadata, device,
-                           max_batch_rows=rows, max_batch_delay_ms=float(delay))
+                           max_batch_rows=rows, max_batch_delay_ms=delay * 1000.0)

@@ -4,19 +4,31 @@ Triton, KServe and MLServer all speak it. Metadata comes from the upstream's Mod
 fetched on first use and cached, so the gateway can start before the model server (a sidecar
 rarely controls the order). The caller's deadline is propagated; the caller's credentials are not:
 requests are rebuilt from decoded tensors and sent with no client metadata at all.
+
+Concurrent requests can be coalesced into one upstream call (:mod:`gateway.backends.batching`):
+``max_batch_rows`` > 1 (default 1: off) when the upstream declares every tensor batch-major (first
+dimension -1). Requests join a batch only with others of the same inputs (names, dtypes, trailing
+shapes), requested outputs, version and parameters; each gets its own rows back and its own id.
+A lone request waits for nothing (``max_batch_delay_ms`` 0); under load, requests that arrive while
+``max_batches_in_flight`` (default 2) calls are out go together. A model server pays most of its
+per-request cost in its own Python (KServe: ~0.85 ms of CPU per one-image request, ~0.25 ms per
+image in batches of 8), and a busy one is what caps a gateway's throughput.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
+import numpy as np
 
 from gateway.backends.base import BACKENDS, check_params
+from gateway.backends.batching import DynamicBatcher, batching_params
 from gateway.codec import decode_metadata, decode_response, encode_request
 from gateway.config import DEFAULT_MAX_MESSAGE_BYTES, ConfigError
 from gateway.errors import DeadlineExceeded, GatewayError, Unavailable
@@ -30,6 +42,17 @@ _RELAYED = {
     grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.FAILED_PRECONDITION,
 }
 _METADATA_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class _BatchKey:
+    """What requests must share to go upstream as one (with their inputs' trailing shapes and dtypes)."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]  # the outputs answered, in order
+    requested: bool  # whether the caller named them (else the upstream answers all it declares)
+    version: str
+    parameters: tuple[tuple[str, bool | int | float | str], ...]
 
 
 def _upstream_error(error: grpc.aio.AioRpcError) -> GatewayError:
@@ -65,7 +88,8 @@ class UpstreamBackend:
 
     def __init__(
         self, name: str, address: str, upstream_model: str, timeout_seconds: float,
-        max_message_bytes: int, credentials: grpc.ChannelCredentials | None,
+        max_message_bytes: int, credentials: grpc.ChannelCredentials | None, *,
+        max_batch_rows: int = 1, max_batch_delay: float = 0.0, max_batches_in_flight: int = 2,
     ) -> None:
         self.name = name
         self.address = address
@@ -83,6 +107,8 @@ class UpstreamBackend:
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.GRPCInferenceServiceStub | None = None
         self._metadata: ModelMetadata | None = None
+        self.batcher = (DynamicBatcher(self._run_batch, max_rows=max_batch_rows, max_delay=max_batch_delay,
+                                       max_in_flight=max_batches_in_flight) if max_batch_rows > 1 else None)
 
     async def start(self) -> None:
         if self._credentials is None:
@@ -117,6 +143,66 @@ class UpstreamBackend:
 
     async def infer(self, request: InferRequest, deadline: float | None, *,
                     while_waiting: Callable[[], None] | None = None) -> InferResponse:
+        key = await self._batch_key(request)
+        if key is None:
+            response = await self._call(request, deadline, while_waiting)
+            response.model_name = self.name
+            return response
+        arrays = await self._batcher_wait(key, request, deadline, while_waiting)
+        return InferResponse(self.name, dict(zip(key.outputs, arrays, strict=True)), request.model_version, request.id)
+
+    async def _batch_key(self, request: InferRequest) -> _BatchKey | None:
+        """The request's batch key, or None where it goes upstream alone: batching off, the upstream
+        not batch-major (or its metadata unreachable: the call itself will say why), or inputs
+        without one common first dimension."""
+        if self.batcher is None or not request.inputs:
+            return None
+        if any(a.ndim == 0 for a in request.inputs.values()) or len({a.shape[0] for a in request.inputs.values()}) > 1:
+            return None
+        try:
+            metadata = await self.metadata()
+        except GatewayError:
+            return None
+        if not all(spec.shape[:1] == (-1,) for spec in (*metadata.inputs, *metadata.outputs)):
+            return None
+        requested = request.requested_outputs
+        outputs = tuple(requested) if requested else tuple(spec.name for spec in metadata.outputs)
+        return _BatchKey(tuple(request.inputs), outputs, bool(requested), request.model_version,
+                         tuple(sorted(request.parameters.items())))
+
+    async def _batcher_wait(self, key: _BatchKey, request: InferRequest, deadline: float | None,
+                            while_waiting: Callable[[], None] | None) -> list[np.ndarray]:
+        """This request's rows of its batch's answer; its own deadline bounds its wait."""
+        submitted = self.batcher.submit(key, list(request.inputs.values()), deadline,  # type: ignore[union-attr]
+                                        while_waiting=while_waiting)
+        if deadline is None:
+            return await submitted
+        try:
+            return await asyncio.wait_for(submitted, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceeded("upstream did not answer before the deadline") from None
+
+    async def _run_batch(self, key: Hashable, arrays: list[np.ndarray], deadline: float | None,
+                         started: Callable[[], None] | None) -> list[np.ndarray]:
+        """One upstream call for a batch: inputs each [B, ...] -> the key's outputs, each [B, ...]."""
+        key = cast(_BatchKey, key)  # only this backend submits to its batcher
+        request = InferRequest(self.name, dict(zip(key.inputs, arrays, strict=True)), key.version,
+                               requested_outputs=list(key.outputs) if key.requested else None,
+                               parameters=dict(key.parameters))
+        response = await self._call(request, deadline, started)
+        rows = len(arrays[0])
+        answered = []
+        for name in key.outputs:
+            value = response.outputs.get(name)
+            if value is None or value.ndim == 0 or value.shape[0] != rows:
+                shape = None if value is None else list(value.shape)
+                raise GatewayError(f"upstream answered output {name!r} with shape {shape} for a batch of {rows} "
+                                   "rows: it does not batch as its metadata declares; set max_batch_rows: 1")
+            answered.append(value)
+        return answered
+
+    async def _call(self, request: InferRequest, deadline: float | None,
+                    while_waiting: Callable[[], None] | None) -> InferResponse:
         timeout = self._timeout
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())
@@ -138,11 +224,11 @@ class UpstreamBackend:
             reply = await call
         except grpc.aio.AioRpcError as error:
             raise _upstream_error(error) from None
-        response = decode_response(reply)
-        response.model_name = self.name
-        return response
+        return decode_response(reply)
 
     async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
         if self._channel is not None:
             await self._channel.close()
 
@@ -152,8 +238,10 @@ def create_upstream(
     name: str, params: Mapping[str, Any], where: str, *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, **_: Any,
 ) -> UpstreamBackend:
-    """Build an upstream backend: ``address`` (host:port), optional ``model``, ``timeout_seconds``, ``tls``."""
-    check_params(params, where, {"address", "model", "timeout_seconds", "tls"}, {"address"})
+    """Build an upstream backend: ``address`` (host:port), optional ``model``, ``timeout_seconds``, ``tls``,
+    and the batching of concurrent requests (see the module docstring)."""
+    check_params(params, where, {"address", "model", "timeout_seconds", "tls", "max_batch_rows",
+                                 "max_batch_delay_ms", "max_batches_in_flight"}, {"address"})
     address = params["address"]
     if not isinstance(address, str) or ":" not in address:
         raise ConfigError(f"{where}.address", f"must be host:port, got {address!r}")
@@ -164,4 +252,9 @@ def create_upstream(
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ConfigError(f"{where}.timeout_seconds", f"must be a positive number, got {timeout!r}")
     credentials = _credentials(params.get("tls"), f"{where}.tls")
-    return UpstreamBackend(name, address, upstream_model, float(timeout), max_message_bytes, credentials)
+    rows, delay = batching_params(params, where, default_rows=1)
+    in_flight = params.get("max_batches_in_flight", 2)
+    if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
+        raise ConfigError(f"{where}.max_batches_in_flight", f"must be an integer >= 1, got {in_flight!r}")
+    return UpstreamBackend(name, address, upstream_model, float(timeout), max_message_bytes, credentials,
+                           max_batch_rows=rows, max_batch_delay=delay, max_batches_in_flight=in_flight)

@@ -29,7 +29,13 @@ def _upstream(tiny: Path, kserve: Proc) -> Backend:
     return create_backend("m", ComponentConfig("upstream", params), "models[0].backend")
 
 
-BUILDERS: dict[str, Callable[[Path, Proc], Backend]] = {"embedded": _embedded, "upstream": _upstream}
+def _upstream_batching(tiny: Path, kserve: Proc) -> Backend:
+    params = {"address": f"127.0.0.1:{kserve.info['grpc_port']}", "model": "tiny-classifier", "max_batch_rows": 64}
+    return create_backend("m", ComponentConfig("upstream", params), "models[0].backend")
+
+
+BUILDERS: dict[str, Callable[[Path, Proc], Backend]] = {
+    "embedded": _embedded, "upstream": _upstream, "upstream (batching)": _upstream_batching}
 
 
 def test_every_registered_backend_has_a_contract_builder() -> None:

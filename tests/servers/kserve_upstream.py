@@ -11,6 +11,10 @@ Models:
 - ``spy``: FP32 ``x`` [-1, 1] -> INT64 ``credentials_seen`` [-1]: how many credential headers
   (authorization, x-api-key) reached this server; the gateway must forward none.
 - ``slow``: FP32 ``seconds`` [1] -> the same after sleeping that long (deadline propagation).
+- ``batch-echo``: FP32 ``x`` [-1, 2] -> FP32 ``tripled`` [-1, 2] and INT64 ``call_rows`` [-1]: the
+  rows of the call each row came in, after 50 ms (so concurrent calls queue at a batching gateway).
+- ``first-row``: declares FP32 ``x`` [-1, 2] -> ``y`` [-1, 2] but answers only the first row, as a
+  model that does not batch would (the gateway must say so, not split rows that are not there).
 """
 
 from __future__ import annotations
@@ -116,5 +120,37 @@ class Slow(Model):
                              response_id=payload.id)
 
 
+class BatchEcho(Model):
+    def __init__(self, name: str = "batch-echo") -> None:
+        super().__init__(name)
+        self.ready = True
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": "tripled", "datatype": "FP32", "shape": [-1, 2]},
+                {"name": "call_rows", "datatype": "INT64", "shape": [-1]}]
+
+    async def predict(self, payload: InferRequest, headers: dict | None = None, response_headers=None) -> InferResponse:
+        x = payload.inputs[0].as_numpy().astype(np.float32)
+        await asyncio.sleep(0.05)
+        outputs = [_output("tripled", x * 3, "FP32"), _output("call_rows", np.full(len(x), len(x), np.int64), "INT64")]
+        return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id)
+
+
+class FirstRow(BatchEcho):
+    def __init__(self) -> None:
+        super().__init__("first-row")
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]
+
+    async def predict(self, payload: InferRequest, headers: dict | None = None, response_headers=None) -> InferResponse:
+        x = payload.inputs[0].as_numpy().astype(np.float32)
+        await asyncio.sleep(0.05)
+        return InferResponse(model_name=self.name, infer_outputs=[_output("y", x[:1], "FP32")], response_id=payload.id)
+
+
 if __name__ == "__main__":
-    ModelServer(workers=1).start([TinyClassifier(), Mixed(), Spy(), Slow()])
+    ModelServer(workers=1).start([TinyClassifier(), Mixed(), Spy(), Slow(), BatchEcho(), FirstRow()])

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from gateway.backends.batching import DynamicBatcher
+from gateway.backends.batching import DynamicBatcher, on_executor
 from gateway.errors import DeadlineExceeded
 
 
@@ -41,7 +42,7 @@ def executor() -> ThreadPoolExecutor:
 
 async def test_concurrent_requests_share_batches_and_get_their_own_rows(executor: ThreadPoolExecutor) -> None:
     model = Doubler(seconds=0.02)
-    batcher = DynamicBatcher(model, executor, max_rows=64, max_delay=0.0)
+    batcher = DynamicBatcher(on_executor(model, executor), max_rows=64, max_delay=0.0)
     rng = np.random.default_rng(0)
     inputs = [rng.random((1 + i % 3, 2, 2), dtype=np.float32) for i in range(32)]
     answers = await asyncio.gather(*(batcher.submit("forward", [x]) for x in inputs))
@@ -56,7 +57,7 @@ async def test_concurrent_requests_share_batches_and_get_their_own_rows(executor
 
 async def test_batches_hold_at_most_max_rows(executor: ThreadPoolExecutor) -> None:
     model = Doubler(seconds=0.01)
-    batcher = DynamicBatcher(model, executor, max_rows=5, max_delay=0.0)
+    batcher = DynamicBatcher(on_executor(model, executor), max_rows=5, max_delay=0.0)
     inputs = [np.full((2, 3), i, np.float32) for i in range(20)]
     answers = await asyncio.gather(*(batcher.submit("forward", [x]) for x in inputs))
     assert max(model.batches) <= 5
@@ -66,7 +67,7 @@ async def test_batches_hold_at_most_max_rows(executor: ThreadPoolExecutor) -> No
 
 async def test_incompatible_requests_are_not_mixed(executor: ThreadPoolExecutor) -> None:
     model = Doubler(seconds=0.01)
-    batcher = DynamicBatcher(model, executor, max_rows=64, max_delay=0.0)
+    batcher = DynamicBatcher(on_executor(model, executor), max_rows=64, max_delay=0.0)
     inputs = [np.ones((1, 2 + i % 2), np.float32) * i for i in range(10)]
     methods = ["forward" if i < 8 else "features" for i in range(10)]
     answers = await asyncio.gather(*(batcher.submit(m, [x]) for m, x in zip(methods, inputs, strict=True)))
@@ -78,7 +79,7 @@ async def test_incompatible_requests_are_not_mixed(executor: ThreadPoolExecutor)
 
 async def test_a_positive_delay_waits_for_companions(executor: ThreadPoolExecutor) -> None:
     model = Doubler()
-    batcher = DynamicBatcher(model, executor, max_rows=64, max_delay=0.2)
+    batcher = DynamicBatcher(on_executor(model, executor), max_rows=64, max_delay=0.2)
 
     async def later(x: np.ndarray) -> list[np.ndarray]:
         await asyncio.sleep(0.02)
@@ -91,7 +92,7 @@ async def test_a_positive_delay_waits_for_companions(executor: ThreadPoolExecuto
 
 async def test_zero_delay_runs_a_lone_request_at_once(executor: ThreadPoolExecutor) -> None:
     model = Doubler()
-    batcher = DynamicBatcher(model, executor, max_rows=64, max_delay=0.0)
+    batcher = DynamicBatcher(on_executor(model, executor), max_rows=64, max_delay=0.0)
     first = await batcher.submit("forward", [np.ones((1, 2), np.float32)])
     second = await batcher.submit("forward", [np.ones((1, 2), np.float32)])
     assert model.batches == [1, 1]
@@ -101,7 +102,7 @@ async def test_zero_delay_runs_a_lone_request_at_once(executor: ThreadPoolExecut
 
 async def test_a_failing_batch_fails_its_callers_only(executor: ThreadPoolExecutor) -> None:
     model = Doubler(seconds=0.02, fail_on=7.0)
-    batcher = DynamicBatcher(model, executor, max_rows=64, max_delay=0.0)
+    batcher = DynamicBatcher(on_executor(model, executor), max_rows=64, max_delay=0.0)
     first = asyncio.ensure_future(batcher.submit("forward", [np.zeros((1, 2), np.float32)]))
     await asyncio.sleep(0.005)  # the first batch is running; these two queue into the next one
     bad = [batcher.submit("forward", [np.full((1, 2), v, np.float32)]) for v in (7.0, 1.0)]
@@ -115,7 +116,7 @@ async def test_a_failing_batch_fails_its_callers_only(executor: ThreadPoolExecut
 
 async def test_a_request_whose_deadline_passed_in_the_queue_is_refused(executor: ThreadPoolExecutor) -> None:
     model = Doubler(seconds=0.05)
-    batcher = DynamicBatcher(model, executor, max_rows=64, max_delay=0.0)
+    batcher = DynamicBatcher(on_executor(model, executor), max_rows=64, max_delay=0.0)
     first = asyncio.ensure_future(batcher.submit("forward", [np.zeros((1, 2), np.float32)]))
     await asyncio.sleep(0.005)
     with pytest.raises(DeadlineExceeded, match="queued"):
@@ -127,9 +128,11 @@ async def test_a_request_whose_deadline_passed_in_the_queue_is_refused(executor:
 
 def test_bounds_are_checked(executor: ThreadPoolExecutor) -> None:
     with pytest.raises(ValueError, match="max_rows must be >= 1, got 0"):
-        DynamicBatcher(Doubler(), executor, max_rows=0, max_delay=0.0)
+        DynamicBatcher(on_executor(Doubler(), executor), max_rows=0, max_delay=0.0)
     with pytest.raises(ValueError, match="max_delay must be >= 0, got -1"):
-        DynamicBatcher(Doubler(), executor, max_rows=1, max_delay=-1)
+        DynamicBatcher(on_executor(Doubler(), executor), max_rows=1, max_delay=-1)
+    with pytest.raises(ValueError, match="max_in_flight must be >= 1, got 0"):
+        DynamicBatcher(on_executor(Doubler(), executor), max_rows=1, max_delay=0.0, max_in_flight=0)
 
 
 async def test_while_waiting_runs_once_the_batch_is_on_the_worker_thread(executor: ThreadPoolExecutor) -> None:
@@ -140,7 +143,7 @@ async def test_while_waiting_runs_once_the_batch_is_on_the_worker_thread(executo
         release.wait(timeout=5)
         return [arrays[0] * 2]
 
-    batcher = DynamicBatcher(model, executor, max_rows=8, max_delay=0.0)
+    batcher = DynamicBatcher(on_executor(model, executor), max_rows=8, max_delay=0.0)
     seen: list[bool] = []
 
     def while_waiting() -> None:  # the model must already be running, and still waiting for us
@@ -150,4 +153,74 @@ async def test_while_waiting_runs_once_the_batch_is_on_the_worker_thread(executo
     (doubled,) = await batcher.submit("forward", [np.ones((1, 2), np.float32)], while_waiting=while_waiting)
     assert seen == [True]
     np.testing.assert_array_equal(doubled, np.full((1, 2), 2, np.float32))
+    await batcher.close()
+
+
+class AsyncModel:
+    """An asynchronous model (as an upstream server is): records how many batches run at once."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.running, self.most_at_once = seconds, 0, 0
+        self.batches: list[int] = []
+        self.deadlines: list[float | None] = []
+
+    async def __call__(self, method: object, arrays: list[np.ndarray], deadline: float | None,
+                       started: Callable[[], None] | None) -> list[np.ndarray]:
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        self.batches.append(len(arrays[0]))
+        self.deadlines.append(deadline)
+        if started is not None:
+            started()
+        await asyncio.sleep(self.seconds)
+        self.running -= 1
+        return [arrays[0] * 2]
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
+async def test_at_most_max_in_flight_batches_run_at_once(in_flight: int) -> None:
+    model = AsyncModel(seconds=0.02)
+    batcher = DynamicBatcher(model, max_rows=4, max_delay=0.0, max_in_flight=in_flight)
+    inputs = [np.full((1, 2), i, np.float32) for i in range(40)]
+    answers = await asyncio.gather(*(batcher.submit(("forward", "v1"), [x]) for x in inputs))
+    for x, (doubled,) in zip(inputs, answers, strict=True):
+        np.testing.assert_array_equal(doubled, x * 2)
+    assert model.most_at_once == in_flight  # 40 rows in batches of <= 4 keep every slot busy
+    assert max(model.batches) <= 4 and sum(model.batches) == 40
+    await batcher.close()
+
+
+async def test_a_batch_runs_until_its_latest_deadline() -> None:
+    model = AsyncModel(seconds=0.05)
+    batcher = DynamicBatcher(model, max_rows=8, max_delay=0.0)
+    now = time.monotonic()
+    blocker = asyncio.ensure_future(batcher.submit("forward", [np.ones((1, 2), np.float32)]))
+    await asyncio.sleep(0.01)  # the next two queue behind it and share a batch
+    await asyncio.gather(*(batcher.submit("forward", [np.ones((1, 2), np.float32)], now + seconds)
+                           for seconds in (5.0, 9.0)))
+    await blocker
+    assert model.deadlines == [None, now + 9.0]
+    await batcher.close()
+
+
+async def test_close_cancels_what_queued() -> None:
+    batcher = DynamicBatcher(AsyncModel(seconds=10.0), max_rows=1, max_delay=0.0, max_in_flight=2)
+    waiting = [asyncio.ensure_future(batcher.submit("forward", [np.ones((1, 2), np.float32)])) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    await batcher.close()
+    await asyncio.sleep(0)
+    # The first two found a free slot and nothing queued: they run from their callers' tasks,
+    # which own them. The rest queued for the collector: closing cancels them.
+    assert not any(w.done() for w in waiting[:2]) and all(w.cancelled() for w in waiting[2:])
+    for w in waiting[:2]:
+        w.cancel()
+
+
+async def test_a_lone_request_runs_in_its_callers_task() -> None:
+    model = AsyncModel(seconds=0.0)
+    batcher = DynamicBatcher(model, max_rows=8, max_delay=0.0)
+    for i in range(3):
+        (doubled,) = await batcher.submit("forward", [np.full((1, 2), i, np.float32)])
+        np.testing.assert_array_equal(doubled, np.full((1, 2), 2 * i))
+    assert batcher._collector is None and model.batches == [1, 1, 1]
     await batcher.close()
