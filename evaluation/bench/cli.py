@@ -5,8 +5,9 @@ Scenarios (``--scenarios``, default all): ``overhead`` (:mod:`evaluation.bench.o
 ``detectors`` (:mod:`evaluation.bench.components`), ``state`` (:mod:`evaluation.bench.state`) and
 ``embedded`` (:mod:`evaluation.bench.embedded`). ``--quick`` runs each at toy size (a smoke test of
 the harness, not a measurement). ``--compare NAME=TREE`` adds to ``overhead`` a contender running
-another checkout's code (an A/B). Numbers depend on the machine and on what else runs on it: the
-client, the proxies and the model server share its cores.
+another checkout's code (an A/B); ``--unbatched`` one with no upstream batching. Numbers depend
+on the machine and on what else runs on it: the client, the proxies and the model server share
+its cores.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", type=_compare, action="append", default=[], metavar="NAME=TREE",
                         help="overhead: also run moat-full from the moat checkout TREE as contender "
                              "moat-full@NAME (an A/B of a change; repeatable)")
+    parser.add_argument("--unbatched", action="store_true",
+                        help="overhead: also run moat-full@unbatched, full protection with no upstream batching "
+                             "(each request sent upstream alone, as before max_batch_rows)")
     parser.add_argument("--client-stores", type=_names(("memory", "sqlite", "redis")), default=("sqlite", "redis"),
                         help="stores of the 10-vs-100,000-clients measurement (default sqlite,redis)")
 
@@ -88,6 +92,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     names = [name for name, _ in args.compare]
     if names and "overhead" not in args.scenarios:
         raise ValueError("--compare: applies to the overhead scenario, which is not among --scenarios")
+    if args.unbatched and "overhead" not in args.scenarios:
+        raise ValueError("--unbatched: applies to the overhead scenario, which is not among --scenarios")
+    if "unbatched" in names and args.unbatched:
+        raise ValueError("--compare: NAME 'unbatched' is taken by --unbatched")
     if len(set(names)) != len(names):
         raise ValueError(f"--compare: each NAME once, got {', '.join(names)}")
     if args.clients:
@@ -132,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
 def _overhead(workdir: Path, s: dict[str, Any], args: argparse.Namespace) -> tuple[list, list]:
     from evaluation.bench.overhead import overhead_ratios, run_overhead
 
-    results = run_overhead(workdir, requests=s["requests"], rounds=s["rounds"], compare=dict(args.compare))
+    results = run_overhead(workdir, requests=s["requests"], rounds=s["rounds"], compare=dict(args.compare),
+                           unbatched=args.unbatched)
     return results, overhead_ratios(results)
 
 

@@ -12,8 +12,11 @@ to one contender: honest clients, see :func:`distinct_images`):
   coverage detector hashes pixels here (``source: auto``): an upstream backend has no
   penultimate features to hash.
 
-``moat bench --compare NAME=TREE`` adds ``moat-full@NAME``: the same full protection served by the
-code in another checkout (say ``git worktree add /tmp/before HEAD~1``), an A/B of a change.
+Both moat contenders forward with upstream batching (``max_batch_rows: 32``, as the sidecar config:
+concurrent requests share upstream calls). ``moat bench --compare NAME=TREE`` adds ``moat-full@NAME``:
+the same full protection served by the code in another checkout (say ``git worktree add /tmp/before
+HEAD~1``), an A/B of a change; ``--unbatched`` adds ``moat-full@unbatched``, this checkout's full
+protection with each request sent upstream alone.
 
 Rounds interleave the contenders (the order rotates each round) so that load from other
 processes hits them alike; each figure is the median over rounds. The proxy's and each gateway's
@@ -41,7 +44,8 @@ COMPARED = "moat-full@"  # + NAME: moat-full served from another checkout (``--c
 OUTPUTS = {"fashion-classifier": "probabilities", "fashion-encoder": "embedding"}
 WARM_UP = (8, 64)  # concurrency and requests of each load's warm-up round
 FASHION_MNIST_IMAGES = 70_000
-UPSTREAM_BATCH_ROWS = 32  # as deploy/configs/sidecar.yaml  # its test and training sets: the most distinct images a load can send
+UPSTREAM_BATCH_ROWS = 32  # as deploy/configs/sidecar.yaml
+UNBATCHED = "unbatched"  # moat-full@unbatched: full protection, each request upstream alone  # its test and training sets: the most distinct images a load can send
 
 
 def bench_keys(workdir: Path, clients: int) -> tuple[Path, list[str]]:
@@ -83,9 +87,11 @@ def moat_config(workdir: Path, upstream: str, keys_file: Path, *, protected: boo
 
 
 def start_contenders(procs: Processes, workdir: Path, clients: int, contenders: Sequence[str] = CONTENDERS,
-                     compare: Mapping[str, Path] | None = None) -> tuple[dict[str, str], list[str]]:
-    """Start KServe, the proxy and both gateways, and a ``moat-full@NAME`` gateway running the code
-    of each ``compare`` tree (NAME -> a checkout of moat); returns contender -> address, and the API keys."""
+                     compare: Mapping[str, Path] | None = None, unbatched: bool = False,
+                     ) -> tuple[dict[str, str], list[str]]:
+    """Start KServe, the proxy and both gateways, a ``moat-full@NAME`` gateway running the code of
+    each ``compare`` tree (NAME -> a checkout of moat), and with ``unbatched`` ``moat-full@unbatched``
+    (no upstream batching); returns contender -> address, and the API keys."""
     from evaluation import zoo
 
     upstream = procs.kserve({name: zoo.zoo_path(name) for name in OUTPUTS}, OUTPUTS)
@@ -100,6 +106,10 @@ def start_contenders(procs: Processes, workdir: Path, clients: int, contenders: 
         name = COMPARED + label
         config = moat_config(workdir, upstream, keys_file, protected=True, name=name)
         addresses[name] = procs.gateway(name, config, tree=tree)
+    if unbatched:
+        name = COMPARED + UNBATCHED
+        addresses[name] = procs.gateway(name, moat_config(workdir, upstream, keys_file, protected=True, name=name,
+                                                          batch_rows=1))
     return addresses, keys
 
 
@@ -161,14 +171,15 @@ async def _measure(procs: Processes, addresses: dict[str, str], keys: list[str],
 def run_overhead(workdir: Path, *, models: Sequence[str] = tuple(OUTPUTS), concurrencies: Sequence[int] = (1, 32),
                  requests: dict[int, int] | None = None, rounds: int = 5, clients: int = 32,
                  seed: int = 0, contenders: Sequence[str] = CONTENDERS,
-                 compare: Mapping[str, Path] | None = None) -> list[Result]:
+                 compare: Mapping[str, Path] | None = None, unbatched: bool = False) -> list[Result]:
     """Measure every contender at each concurrency on each model; results sorted by model. With
     ``compare`` (NAME -> a moat checkout), ``moat-full@NAME`` runs that code's full protection in
     the same rounds: an A/B of a change, side by side with the bare proxy."""
     requests = requests or {1: 300, 32: 1500}
     with Processes(workdir) as procs:
-        addresses, keys = start_contenders(procs, workdir, clients, contenders, compare)
-        wanted = [*contenders, *(COMPARED + label for label in compare or {})]
+        addresses, keys = start_contenders(procs, workdir, clients, contenders, compare, unbatched)
+        labels = [*(compare or {}), *([UNBATCHED] if unbatched else [])]
+        wanted = [*contenders, *(COMPARED + label for label in labels)]
         addresses = {name: address for name, address in addresses.items() if name in wanted}
         images = distinct_images({c: requests[c] for c in concurrencies}, rounds, seed)
         results = asyncio.run(_measure(procs, addresses, keys, images, models, concurrencies, requests, rounds))

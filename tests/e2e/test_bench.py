@@ -19,9 +19,10 @@ FIELDS = {"scenario", "model", "contender", "concurrency", "history", "clients",
 
 
 def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
-    # --compare serves a second moat-full from a checkout (here this one: an A/A) in the same rounds
+    # --compare serves a second moat-full from a checkout (here this one: an A/A) in the same rounds,
+    # --unbatched a third with no upstream batching
     run = subprocess.run([sys.executable, "-m", "gateway.cli", "bench", "--quick", "--out", str(tmp_path),
-                          "--compare", f"same={REPO}"],
+                          "--compare", f"same={REPO}", "--unbatched"],
                          cwd=REPO, capture_output=True, text=True, timeout=240, env=os.environ.copy())
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads((tmp_path / "bench.json").read_text())
@@ -30,13 +31,15 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
     assert {r["scenario"] for r in results} == {"overhead", "detectors", "state", "embedded"}
     overhead = {(r["model"], r["contender"], r["concurrency"]) for r in results if r["scenario"] == "overhead"}
     assert overhead == {(m, c, k) for m in ("fashion-classifier", "fashion-encoder")
-                        for c in ("direct", "bare-proxy", "moat-off", "moat-full", "moat-full@same") for k in (1, 32)}
+                        for c in ("direct", "bare-proxy", "moat-off", "moat-full", "moat-full@same",
+                                  "moat-full@unbatched") for k in (1, 32)}
     # the CPU per request of each contender's own process (none for direct: KServe is everyone's)
     cpu = {r["contender"]: r["extra"].get("cpu_ms_per_request") for r in results if r["scenario"] == "overhead"}
     assert cpu["direct"] is None
-    assert all(cpu[c] > 0 for c in ("bare-proxy", "moat-off", "moat-full", "moat-full@same"))
-    compared = [r for r in data["ratios"] if r["subject"].endswith("moat-full@same")]
-    assert len(compared) == 4 and all(r["bound"] == "info" for r in compared)
+    assert all(cpu[c] > 0 for c in ("bare-proxy", "moat-off", "moat-full", "moat-full@same", "moat-full@unbatched"))
+    for compared_name in ("moat-full@same", "moat-full@unbatched"):
+        compared = [r for r in data["ratios"] if r["subject"].endswith(compared_name)]
+        assert len(compared) == 4 and all(r["bound"] == "info" for r in compared)
     timed = [r for r in results if r["bytes_per_client"] is None]
     assert all(r["p50_ms"] > 0 and r["p99_ms"] >= r["p50_ms"] and r["throughput_rps"] > 0 for r in timed)
     detectors = {r["contender"] for r in results if r["scenario"] == "detectors"}

@@ -82,6 +82,8 @@ def test_compare_takes_a_name_and_a_moat_checkout(capsys: pytest.CaptureFixture[
         assert "--compare" in err and message in err
     # checked before anything starts: only with the overhead scenario, each name once
     for argv, message in ((("--scenarios", "state", "--compare", f"x={REPO}"), "applies to the overhead scenario"),
-                          (("--compare", f"x={REPO}", "--compare", f"x={REPO}"), "each NAME once")):
+                          (("--compare", f"x={REPO}", "--compare", f"x={REPO}"), "each NAME once"),
+                          (("--scenarios", "state", "--unbatched"), "--unbatched: applies to the overhead scenario"),
+                          (("--compare", f"unbatched={REPO}", "--unbatched"), "'unbatched' is taken by --unbatched")):
         assert run(_bench_args(*argv)) == 2
         assert message in capsys.readouterr().err
