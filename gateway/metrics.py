@@ -28,6 +28,7 @@ UNKNOWN_MODEL = "_unknown"
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
+BATCH_BUCKETS = tuple(float(2**power) for power in range(11))  # 1 .. 1024 rows
 SIZE_BUCKETS = tuple(float(2**power) for power in range(6, 28, 2))  # 64 B .. 64 MiB
 
 
@@ -60,6 +61,11 @@ class GatewayMetrics:
             "moat_backend_duration_seconds",
             "Time the backend (embedded model or upstream server) took to answer.",
             ["model", "backend"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.backend_batch_rows = Histogram(
+            "moat_backend_batch_rows",
+            "Rows per batch the backend ran: one embedded forward pass, or one upstream call of batched requests.",
+            ["model", "backend"], buckets=BATCH_BUCKETS, registry=registry,
         )
         self.request_size = Histogram(
             "moat_request_size_bytes", "Serialized ModelInfer request size.",

@@ -79,6 +79,7 @@ def build_plane(
         backend = create_backend(
             model.name, model.backend, f"models[{index}].backend",
             max_message_bytes=config.server.max_message_bytes,
+            on_batch=metrics.backend_batch_rows.labels(model=model.name, backend=model.backend.name).observe,
         )
         protection = None
         if model.protected and secret is not None:

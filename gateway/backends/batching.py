@@ -75,14 +75,14 @@ class DynamicBatcher:
     """Batches concurrent ``submit`` calls; at most ``max_in_flight`` batches run at once."""
 
     def __init__(self, run: RunBatch, *, max_rows: int, max_delay: float, max_in_flight: int = 1,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 on_batch: Callable[[int], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if max_delay < 0:
             raise ValueError(f"max_delay must be >= 0, got {max_delay}")
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
-        self._run = run
+        self._run, self._on_batch = run, on_batch  # on_batch(rows) as each batch starts (a metric)
         self.max_rows, self.max_delay, self.max_in_flight, self._clock = max_rows, max_delay, max_in_flight, clock
         self._queue: deque[_Pending] = deque()
         self._arrived: asyncio.Event | None = None
@@ -196,6 +196,8 @@ class DynamicBatcher:
         deadlines = [p.deadline for p in batch]
         deadline = None if None in deadlines else max(deadlines)  # type: ignore[type-var]
 
+        if self._on_batch is not None:
+            self._on_batch(len(arrays[0]))
         waiting = [p.while_waiting for p in batch if p.while_waiting is not None]
 
         def started() -> None:

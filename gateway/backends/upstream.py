@@ -90,6 +90,7 @@ class UpstreamBackend:
         self, name: str, address: str, upstream_model: str, timeout_seconds: float,
         max_message_bytes: int, credentials: grpc.ChannelCredentials | None, *,
         max_batch_rows: int = 1, max_batch_delay: float = 0.0, max_batches_in_flight: int = 2,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.name = name
         self.address = address
@@ -108,7 +109,8 @@ class UpstreamBackend:
         self._stub: pb_grpc.GRPCInferenceServiceStub | None = None
         self._metadata: ModelMetadata | None = None
         self.batcher = (DynamicBatcher(self._run_batch, max_rows=max_batch_rows, max_delay=max_batch_delay,
-                                       max_in_flight=max_batches_in_flight) if max_batch_rows > 1 else None)
+                                       max_in_flight=max_batches_in_flight, on_batch=on_batch)
+                        if max_batch_rows > 1 else None)
 
     async def start(self) -> None:
         if self._credentials is None:
@@ -236,7 +238,7 @@ class UpstreamBackend:
 @BACKENDS.register("upstream")
 def create_upstream(
     name: str, params: Mapping[str, Any], where: str, *,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, **_: Any,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, on_batch: Callable[[int], None] | None = None, **_: Any,
 ) -> UpstreamBackend:
     """Build an upstream backend: ``address`` (host:port), optional ``model``, ``timeout_seconds``, ``tls``,
     and the batching of concurrent requests (see the module docstring)."""
@@ -257,4 +259,5 @@ def create_upstream(
     if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
         raise ConfigError(f"{where}.max_batches_in_flight", f"must be an integer >= 1, got {in_flight!r}")
     return UpstreamBackend(name, address, upstream_model, float(timeout), max_message_bytes, credentials,
-                           max_batch_rows=rows, max_batch_delay=delay, max_batches_in_flight=in_flight)
+                           max_batch_rows=rows, max_batch_delay=delay, max_batches_in_flight=in_flight,
+                           on_batch=on_batch)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.backends import create_backend
 from gateway.backends.upstream import UpstreamBackend
@@ -127,6 +129,7 @@ def test_batching_params_are_checked(field: str, value: object, message: str) ->
 
 async def test_through_the_gateway_concurrent_clients_get_their_own_answers(make_gateway: GatewayFactory,
                                                                             kserve: Proc) -> None:
+    """...and the rows per upstream call show in ``moat_backend_batch_rows``, as Prometheus scrapes it."""
     model = upstream_model("batch-echo", kserve.info["grpc_port"])
     model["backend"]["params"]["max_batch_rows"] = 32
     gateway = await make_gateway([model])
@@ -148,3 +151,10 @@ async def test_through_the_gateway_concurrent_clients_get_their_own_answers(make
         np.testing.assert_array_equal(tripled, x * 3)
         shared += int(np.frombuffer(reply.raw_output_contents[names.index("call_rows")], np.int64)[0] > 1)
     assert shared > 0
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gateway.ports.metrics}/metrics", timeout=5).read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, s.labels.get("le")): s.value for s in families["moat_backend_batch_rows"].samples
+               if s.labels.get("model") == "batch-echo" and s.labels.get("backend") == "upstream"}
+    calls, rows = samples[("moat_backend_batch_rows_count", None)], samples[("moat_backend_batch_rows_sum", None)]
+    assert rows == 16 and 1 <= calls < 16  # every row went upstream, in fewer calls than requests
+    assert samples[("moat_backend_batch_rows_bucket", "1.0")] < calls  # some call carried more than one

@@ -224,3 +224,11 @@ async def test_a_lone_request_runs_in_its_callers_task() -> None:
         np.testing.assert_array_equal(doubled, np.full((1, 2), 2 * i))
     assert batcher._collector is None and model.batches == [1, 1, 1]
     await batcher.close()
+
+
+async def test_on_batch_hears_the_rows_of_every_batch() -> None:
+    rows: list[int] = []
+    batcher = DynamicBatcher(AsyncModel(seconds=0.01), max_rows=8, max_delay=0.0, on_batch=rows.append)
+    await asyncio.gather(*(batcher.submit("forward", [np.ones((1 + i % 2, 2), np.float32)]) for i in range(10)))
+    assert sum(rows) == 15 and len(rows) < 10 and max(rows) <= 8
+    await batcher.close()
