@@ -78,6 +78,12 @@ def rows() -> list[tuple[str, list[tuple[object, int]]]]:
               "p99 request bytes {{model}}"),
              (f"histogram_quantile(0.99, sum by (model, le) (rate(moat_response_size_bytes_bucket{{{M}}}[{RATE}])))",
               "p99 response bytes {{model}}")]), 8),
+        (ts("Rows per backend batch (mean)",
+            [(f"sum by (model, backend) (rate(moat_backend_batch_rows_sum{{{M}}}[{RATE}]))"
+              f" / sum by (model, backend) (rate(moat_backend_batch_rows_count{{{M}}}[{RATE}]))",
+              "{{model}} {{backend}}")],
+            description="Mean rows per embedded forward pass or per upstream call (max_batch_rows > 1 coalesces "
+                        "concurrent requests): near 1 with batching on means requests rarely overlap."), 8),
     ]
     extraction = [
         (ts("Extraction alerts by detector",
