@@ -12,9 +12,9 @@ on the values). A client's history is grown 1,000 queries at a time through its 
 ``calls`` batches of 1 and of 32 queries are timed per component (the timed calls add at most a
 fifth of the history, so each figure is the cost at that history; where that allows fewer than
 ``MIN_SAMPLES`` calls, several fresh clients are grown alike and their calls pooled). Figures are
-per query: the median over calls of (call time / batch). Defenses and the watermark are timed for an unflagged
-and a flagged client alike (``misinformation[ok]``, ``misinformation[flagged]``): their cost
-depends on the standing, not on the history.
+per query: the median over calls of (call time / batch). Defenses and the watermark are timed for
+an unflagged and a flagged client alike (``misinformation[ok]``, ``misinformation[flagged]``):
+their cost depends on the standing, not on the history.
 """
 
 from __future__ import annotations

@@ -43,9 +43,9 @@ CONTENDERS = ("direct", "bare-proxy", "moat-off", "moat-full")
 COMPARED = "moat-full@"  # + NAME: moat-full served from another checkout (``--compare NAME=TREE``)
 OUTPUTS = {"fashion-classifier": "probabilities", "fashion-encoder": "embedding"}
 WARM_UP = (8, 64)  # concurrency and requests of each load's warm-up round
-FASHION_MNIST_IMAGES = 70_000
+FASHION_MNIST_IMAGES = 70_000  # its test and training sets: the most distinct images a load can send
 UPSTREAM_BATCH_ROWS = 32  # as deploy/configs/sidecar.yaml
-UNBATCHED = "unbatched"  # moat-full@unbatched: full protection, each request upstream alone  # its test and training sets: the most distinct images a load can send
+UNBATCHED = "unbatched"  # moat-full@unbatched: full protection, each request upstream alone
 
 
 def bench_keys(workdir: Path, clients: int) -> tuple[Path, list[str]]:

@@ -44,12 +44,18 @@ def on_executor(run: Callable[[Hashable, list[np.ndarray]], list[np.ndarray]], e
     return run_there
 
 
+def count_param(params: Mapping[str, Any], where: str, name: str, default: int) -> int:
+    """``params[name]`` (or ``default``) checked to be an integer >= 1."""
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}.{name}", f"must be an integer >= 1, got {value!r}")
+    return value
+
+
 def batching_params(params: Mapping[str, Any], where: str, default_rows: int) -> tuple[int, float]:
     """``max_batch_rows`` (an integer >= 1) and ``max_batch_delay_ms`` (in [0, 1000]) of a backend's
     params, validated; returns (rows, delay in seconds)."""
-    rows = params.get("max_batch_rows", default_rows)
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise ConfigError(f"{where}.max_batch_rows", f"must be an integer >= 1, got {rows!r}")
+    rows = count_param(params, where, "max_batch_rows", default_rows)
     delay = params.get("max_batch_delay_ms", 0.0)
     if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 1000:
         raise ConfigError(f"{where}.max_batch_delay_ms", f"must be a number of milliseconds in [0, 1000], got {delay!r}")

@@ -96,7 +96,7 @@ class EmbeddedBackend:
     """Runs a torch module on a dedicated worker thread so the event loop never blocks."""
 
     def __init__(self, name: str, model: Any, metadata: ModelMetadata, device: str, *,
-                 max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, max_batch_delay_ms: float = 0.0,
+                 max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, max_batch_delay: float = 0.0,
                  on_batch: Callable[[int], None] | None = None) -> None:
         self.name = name
         self._model = model.to(device).eval()
@@ -106,7 +106,7 @@ class EmbeddedBackend:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embedded-{name}")
         batch_major = all(spec.shape[0] == -1 for spec in (*metadata.inputs, *metadata.outputs))
         self.batcher = DynamicBatcher(on_executor(self._run_batch, self._executor), max_rows=max_batch_rows,
-                                      max_delay=max_batch_delay_ms / 1000.0, on_batch=on_batch) if batch_major else None
+                                      max_delay=max_batch_delay, on_batch=on_batch) if batch_major else None
 
     async def start(self) -> None:
         return None
@@ -193,4 +193,4 @@ def create_embedded(name: str, params: Mapping[str, Any], where: str, *,
     )
     device = _resolve_device(str(params.get("device", "auto")), f"{where}.device")
     return EmbeddedBackend(name, _load_model(params, where), metadata, device,
-                           max_batch_rows=rows, max_batch_delay_ms=delay * 1000.0, on_batch=on_batch)
+                           max_batch_rows=rows, max_batch_delay=delay, on_batch=on_batch)

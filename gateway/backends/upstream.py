@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from gateway.backends.base import BACKENDS, check_params
-from gateway.backends.batching import DynamicBatcher, batching_params
+from gateway.backends.batching import DynamicBatcher, batching_params, count_param
 from gateway.codec import decode_metadata, decode_response, encode_request
 from gateway.config import DEFAULT_MAX_MESSAGE_BYTES, ConfigError
 from gateway.errors import DeadlineExceeded, GatewayError, Unavailable
@@ -108,6 +108,8 @@ class UpstreamBackend:
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.GRPCInferenceServiceStub | None = None
         self._metadata: ModelMetadata | None = None
+        # The declared output names when every tensor is batch-major, else None (never batched).
+        self._batch_outputs: tuple[str, ...] | None = None
         self.batcher = (DynamicBatcher(self._run_batch, max_rows=max_batch_rows, max_delay=max_batch_delay,
                                        max_in_flight=max_batches_in_flight, on_batch=on_batch)
                         if max_batch_rows > 1 else None)
@@ -132,6 +134,8 @@ class UpstreamBackend:
                 name=self.name, inputs=upstream.inputs, outputs=upstream.outputs,
                 platform=upstream.platform, versions=upstream.versions,
             )
+            if all(spec.shape[:1] == (-1,) for spec in (*upstream.inputs, *upstream.outputs)):
+                self._batch_outputs = tuple(spec.name for spec in upstream.outputs)
         return self._metadata
 
     async def ready(self) -> bool:
@@ -162,13 +166,13 @@ class UpstreamBackend:
         if any(a.ndim == 0 for a in request.inputs.values()) or len({a.shape[0] for a in request.inputs.values()}) > 1:
             return None
         try:
-            metadata = await self.metadata()
+            await self.metadata()
         except GatewayError:
             return None
-        if not all(spec.shape[:1] == (-1,) for spec in (*metadata.inputs, *metadata.outputs)):
+        if self._batch_outputs is None:
             return None
         requested = request.requested_outputs
-        outputs = tuple(requested) if requested else tuple(spec.name for spec in metadata.outputs)
+        outputs = tuple(requested) if requested else self._batch_outputs
         return _BatchKey(tuple(request.inputs), outputs, bool(requested), request.model_version,
                          tuple(sorted(request.parameters.items())))
 
@@ -255,9 +259,7 @@ def create_upstream(
         raise ConfigError(f"{where}.timeout_seconds", f"must be a positive number, got {timeout!r}")
     credentials = _credentials(params.get("tls"), f"{where}.tls")
     rows, delay = batching_params(params, where, default_rows=1)
-    in_flight = params.get("max_batches_in_flight", 2)
-    if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
-        raise ConfigError(f"{where}.max_batches_in_flight", f"must be an integer >= 1, got {in_flight!r}")
+    in_flight = count_param(params, where, "max_batches_in_flight", 2)
     return UpstreamBackend(name, address, upstream_model, float(timeout), max_message_bytes, credentials,
                            max_batch_rows=rows, max_batch_delay=delay, max_batches_in_flight=in_flight,
                            on_batch=on_batch)
