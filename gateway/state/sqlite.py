@@ -14,7 +14,9 @@ database's write lock *before* reading: a read-modify-write (bitmaps, rows, reco
 never interleave with a writer in another process on the same file, so no update is lost.
 Other processes wait up to ``busy_timeout_ms`` for the lock.
 
-Tables: ``bitmaps(key, bits)`` packed little-endian-bit blobs, exactly like the memory store;
+Tables: ``bitmaps(key, bits, sparse)``: the sorted uint32 positions of the set bits while few are
+set (``sparse`` = 1), packed little-endian bits as the memory store keeps them after
+(:mod:`gateway.state.bitsets`);
 ``hashes(key, field, num, text)`` one of ``num``/``text`` set; ``row_sets(key, dim, next_seq)``
 with ``rows(key, seq, data)``: one chunk per ``push_rows`` call, ``data`` holding its float32 rows
 and ``seq`` the index of its first row (a chunk per call rather than a row per row: PRADA reads
@@ -37,13 +39,19 @@ from typing import Any
 import numpy as np
 
 from gateway.params import ConfigError, ParamError, check_keys, number
-from gateway.state.base import STATE_STORES, packed_with_bits, rows_from_blobs, segment_counts
+from gateway.state.base import STATE_STORES, rows_from_blobs
+from gateway.state.bitsets import add_bits, bit_counts, from_blob, is_sparse
 from gateway.state.sqlite_cache import TransactionCache, trim_windows
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+# SQLite's own page cache per connection (its default is 2 MB): the write-back cache flushes each
+# commit's changes into the B-tree, whose leaves must be read first. 100,000 narrow clients fill a
+# ~64 MB file; with 2 MB cached every flush read its pages back from the OS (``moat bench``: ~0.1 ms
+# of a request of a client not seen lately). Pages are allocated as they are read, up to this.
+DEFAULT_PAGE_CACHE_BYTES = 64 * 1024 * 1024
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS bitmaps (key TEXT PRIMARY KEY, bits BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS bitmaps (key TEXT PRIMARY KEY, bits BLOB NOT NULL, sparse INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS hashes (key TEXT NOT NULL, field TEXT NOT NULL, num REAL, text TEXT,
                                    PRIMARY KEY (key, field)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS row_sets (key TEXT PRIMARY KEY, dim INTEGER NOT NULL,
@@ -70,10 +78,12 @@ class SqliteStore:
     # process can make BEGIN wait up to busy_timeout_ms; share state between processes with redis).
     local = True
 
-    def __init__(self, path: Path, busy_timeout_ms: int, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(self, path: Path, busy_timeout_ms: int, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 page_cache_bytes: int = DEFAULT_PAGE_CACHE_BYTES) -> None:
         self.path = path
         self._busy_timeout_ms = busy_timeout_ms
         self._cache_bytes = cache_bytes
+        self._page_cache_kib = max(1, page_cache_bytes // 1024)
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
@@ -82,6 +92,9 @@ class SqliteStore:
         with self._write() as conn:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(statement)
+            if "sparse" not in {column for _, column, *_ in conn.execute("PRAGMA table_info(bitmaps)")}:
+                # A file written before sparse bitmaps: every bitmap in it is packed.
+                conn.execute("ALTER TABLE bitmaps ADD COLUMN sparse INTEGER NOT NULL DEFAULT 0")
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -97,6 +110,7 @@ class SqliteStore:
         conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA cache_size=-{self._page_cache_kib}")  # negative: KiB, not pages
         with self._connections_lock:
             self._connections.append(conn)
         self._local.conn = conn
@@ -213,31 +227,37 @@ class SqliteStore:
         if (cache := self._cached()) is not None:
             return cache.set_bits(self._conn(), key, positions, total_bits, segment_bits)
         with self._write() as conn:
-            row = conn.execute("SELECT bits FROM bitmaps WHERE key = ?", (key,)).fetchone()
-            current = None if row is None else np.frombuffer(row[0], np.uint8)
-            bits = packed_with_bits(current, positions, total_bits)
-            conn.execute("INSERT INTO bitmaps (key, bits) VALUES (?, ?) "
-                         "ON CONFLICT (key) DO UPDATE SET bits = excluded.bits", (key, bits.tobytes()))
-        return segment_counts(bits, segment_bits)
+            current = self._stored_bits(conn, key)
+            bits, new = add_bits(current, positions, total_bits)
+            if bits is not current:
+                conn.execute("INSERT INTO bitmaps (key, bits, sparse) VALUES (?, ?, ?) ON CONFLICT (key) "
+                             "DO UPDATE SET bits = excluded.bits, sparse = excluded.sparse",
+                             (key, bits.tobytes(), is_sparse(bits)))
+        return bit_counts(bits, total_bits, segment_bits)
 
     def count_bits(self, key: str, total_bits: int, segment_bits: int) -> np.ndarray:
         """Set bits per segment, int64 [total_bits // segment_bits]; zeros when absent."""
         if (cache := self._cached()) is not None:
             bits = cache.bitmap(self._conn(), key)
         else:
-            row = self._conn().execute("SELECT bits FROM bitmaps WHERE key = ?", (key,)).fetchone()
-            bits = None if row is None else np.frombuffer(row[0], np.uint8)
+            bits = self._stored_bits(self._conn(), key)
         if bits is None:
             return np.zeros(total_bits // segment_bits, np.int64)
-        return segment_counts(bits, segment_bits)
+        return bit_counts(bits, total_bits, segment_bits)
 
     def bitmap_bytes(self, key: str) -> int:
-        """Bytes of the bitmap's blob (0 when absent); the file adds SQLite's page overhead."""
+        """Bytes of the bitmap's blob (0 when absent): 4 per set bit while few are set, else the
+        packed bits (see :mod:`gateway.state.bitsets`); the file adds SQLite's page overhead."""
         if (cache := self._cached()) is not None:
             bits = cache.bitmap(self._conn(), key)
             return 0 if bits is None else int(bits.nbytes)
         row = self._conn().execute("SELECT length(bits) FROM bitmaps WHERE key = ?", (key,)).fetchone()
         return 0 if row is None else int(row[0])
+
+    @staticmethod
+    def _stored_bits(conn: sqlite3.Connection, key: str) -> np.ndarray | None:
+        row = conn.execute("SELECT bits, sparse FROM bitmaps WHERE key = ?", (key,)).fetchone()
+        return None if row is None else from_blob(row[0], row[1])
 
     def incr(self, key: str, fields: Mapping[str, float]) -> dict[str, float]:
         """Add each amount to its numeric field (absent = 0); return the new values."""
@@ -366,11 +386,13 @@ class SqliteStore:
 @STATE_STORES.register("sqlite")
 def create_sqlite(params: Mapping[str, Any], where: str) -> SqliteStore:
     """``path`` (required; parent directories are created), ``busy_timeout_ms`` (default 5000) and
-    ``cache_mb``, the write-back cache of detection's transactions (default 256; 0 turns it off)."""
+    ``cache_mb``, the write-back cache of detection's transactions (default 256; 0 turns it off), and
+    ``page_cache_mb``, SQLite's page cache per connection (default 64)."""
     try:
-        check_keys(params, ("path", "busy_timeout_ms", "cache_mb"), required=("path",))
+        check_keys(params, ("path", "busy_timeout_ms", "cache_mb", "page_cache_mb"), required=("path",))
         busy_timeout_ms = number(params, "busy_timeout_ms", 5000, low=0, high=600_000, integer=True)
         cache_mb = number(params, "cache_mb", DEFAULT_CACHE_BYTES // 2**20, low=0, high=1 << 20)
+        page_cache_mb = number(params, "page_cache_mb", DEFAULT_PAGE_CACHE_BYTES // 2**20, low=1, high=1 << 20)
         raw_path = params["path"]
         if not isinstance(raw_path, (str, Path)) or not str(raw_path).strip():
             raise ParamError("path", f"must be a non-empty file path, got {raw_path!r}")
@@ -379,7 +401,7 @@ def create_sqlite(params: Mapping[str, Any], where: str) -> SqliteStore:
             raise ParamError("path", f"{path} is a directory; give the database file")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            return SqliteStore(path, busy_timeout_ms, int(cache_mb * 2**20))
+            return SqliteStore(path, busy_timeout_ms, int(cache_mb * 2**20), int(page_cache_mb * 2**20))
         except (OSError, sqlite3.Error) as exc:
             raise ParamError("path", f"cannot open {path}: {exc}") from exc
     except ParamError as exc:

@@ -27,7 +27,8 @@ from typing import Any, Union, cast
 
 import numpy as np
 
-from gateway.state.base import newest_rows, packed_with_bits, rows_from_blobs, segment_counts
+from gateway.state.base import newest_rows, rows_from_blobs
+from gateway.state.bitsets import add_bits, bit_counts, from_blob, is_sparse
 
 
 class _Rows:
@@ -115,9 +116,9 @@ class TransactionCache:
             return self._entries[slot]
         entry: Entry
         if kind == "bits":
-            row = conn.execute("SELECT bits FROM bitmaps WHERE key = ?", (key,)).fetchone()
+            row = conn.execute("SELECT bits, sparse FROM bitmaps WHERE key = ?", (key,)).fetchone()
             # Read-only over the blob: set_bits replaces a bitmap, never changes one in place.
-            entry = None if row is None else np.frombuffer(row[0], np.uint8)
+            entry = None if row is None else from_blob(row[0], row[1])
         elif kind == "hash":
             rows = conn.execute("SELECT field, num, text FROM hashes WHERE key = ?", (key,)).fetchall()
             entry = {name: (text if text is not None else float(num)) for name, num, text in rows}
@@ -146,32 +147,18 @@ class TransactionCache:
                  segment_bits: int) -> np.ndarray:
         slot = ("bits", key)
         current = self._get(conn, "bits", key)
-        known = self._counts.get(slot)
-        if current is None or current.size * 8 != total_bits:
-            bits = packed_with_bits(current, positions, total_bits)  # type: ignore[arg-type]
-            counts = segment_counts(bits, segment_bits)
-        else:
-            if known is None or known[0] is not current or known[1] != segment_bits:
-                # Loaded (a client not seen lately): count it once, then set bits as for any other.
-                known = self._counts[slot] = (current, segment_bits, segment_counts(current, segment_bits))
-            # Counts kept per bitmap and moved by the newly set bits only: counting all of a
-            # 10 KB bitmap's bits was a third of the coverage detector's cost per request.
-            positions = np.asarray(positions, dtype=np.int64)
-            if np.any(positions[1:] <= positions[:-1]):  # coverage hands one query's sorted, distinct bits
-                positions = np.unique(positions)
-            if positions.size and (positions[0] < 0 or positions[-1] >= total_bits):
-                raise ValueError(f"bit positions must lie in [0, {total_bits})")
-            masks = np.left_shift(1, positions & 7).astype(np.uint8)
-            new = (current[positions >> 3] & masks) == 0
-            if not new.any():
-                return known[2].copy()
-            bits = current.copy()  # never in place: a savepoint's journal may hold the old array
-            at, masks = positions[new] >> 3, masks[new]
-            if np.any(at[1:] == at[:-1]):  # two new bits in one byte (sorted: neighbours): or them both
-                np.bitwise_or.at(bits, at, masks)
-            else:
-                bits[at] |= masks
-            counts = known[2] + np.bincount(positions[new] // segment_bits, minlength=len(known[2]))
+        known = None if current is None else self._counts.get(slot)
+        if current is not None and (known is None or known[0] is not current or known[1] != segment_bits):
+            # Loaded (a client not seen lately): count it once, then set bits as for any other.
+            known = self._counts[slot] = (current, segment_bits, bit_counts(current, total_bits, segment_bits))
+        bits, new = add_bits(current, positions, total_bits)  # type: ignore[arg-type]
+        if bits is current:
+            return known[2].copy()  # type: ignore[index]
+        # Counts kept per bitmap and moved by the newly set bits only: counting all of a 10 KB
+        # bitmap's bits was a third of the coverage detector's cost per request.
+        counts = np.bincount(new // segment_bits, minlength=total_bits // segment_bits)
+        if known is not None:
+            counts += known[2]
         self._changing(slot)
         self._put(slot, bits)
         self._counts[slot] = (bits, segment_bits, counts)
@@ -243,13 +230,13 @@ class TransactionCache:
                 hashes += [(key, name, None, value) if isinstance(value, str) else (key, name, value, None)
                            for name, value in ((n, entry[n]) for n in dirty)]  # type: ignore[index,union-attr]
             elif kind == "bits":
-                bitmaps.append((key, entry.tobytes()))  # type: ignore[union-attr]
+                bitmaps.append((key, entry.tobytes(), is_sparse(entry)))  # type: ignore[union-attr,arg-type]
             else:
                 windows.append((key, entry))
         conn.executemany("INSERT INTO hashes (key, field, num, text) VALUES (?, ?, ?, ?) ON CONFLICT (key, field) "
                          "DO UPDATE SET num = excluded.num, text = excluded.text", hashes)
-        conn.executemany("INSERT INTO bitmaps (key, bits) VALUES (?, ?) "
-                         "ON CONFLICT (key) DO UPDATE SET bits = excluded.bits", bitmaps)
+        conn.executemany("INSERT INTO bitmaps (key, bits, sparse) VALUES (?, ?, ?) "
+                         "ON CONFLICT (key) DO UPDATE SET bits = excluded.bits, sparse = excluded.sparse", bitmaps)
         for key, _ in windows:
             self._changing(("rows", key))  # inside a savepoint: its rollback restores ``flushed``
         _write_windows(conn, windows)

@@ -106,10 +106,18 @@ def test_set_bits_rejects_out_of_range_positions_and_changes_nothing(store: Stat
     assert int(store.count_bits("cov/m/alice", TOTAL, SEG).sum()) == 1
 
 
-def test_coverage_bitmap_takes_10240_bytes_per_client(store: StateStore) -> None:
+# Bytes of the coverage bitmap with one bit set: packed from the first bit, except in sqlite, which
+# keeps a narrow client's few set positions (4 bytes each) until that is no smaller than packed.
+ONE_BIT_BYTES = {"memory": TOTAL // 8, "redis": TOTAL // 8, "sqlite": 4}
+
+
+def test_coverage_bitmap_takes_at_most_10240_bytes_per_client(store: StateStore, request: pytest.FixtureRequest) -> None:
     assert store.bitmap_bytes("cov/m/alice") == 0
-    store.set_bits("cov/m/alice", np.array([3]), TOTAL, SEG)  # sparse: only the first byte is set
+    store.set_bits("cov/m/alice", np.array([3]), TOTAL, SEG)
+    assert store.bitmap_bytes("cov/m/alice") == ONE_BIT_BYTES[request.node.callspec.params["store"]]
+    store.set_bits("cov/m/alice", np.arange(0, TOTAL, 16), TOTAL, SEG)  # 5,120 buckets: a thief's spread
     assert store.bitmap_bytes("cov/m/alice") == TOTAL // 8 == 10240 <= 16 * 1024
+    assert int(store.count_bits("cov/m/alice", TOTAL, SEG).sum()) == 5121
 
 
 def test_hash_fields_keep_numbers_as_float_and_text_as_str(store: StateStore) -> None:
@@ -259,6 +267,9 @@ def test_two_store_objects_on_one_backing_see_each_others_writes(
     ("sqlite", {"path": "{tmp}/a.db", "busy_timeout_ms": -1}, "state.params.busy_timeout_ms"),
     ("sqlite", {"path": "{tmp}/a.db", "busy_timeout_ms": 1.5}, "state.params.busy_timeout_ms"),
     ("sqlite", {"path": "{tmp}/a.db", "journal": "wal"}, "state.params.journal"),
+    ("sqlite", {"path": "{tmp}/a.db", "cache_mb": -1}, "state.params.cache_mb"),
+    ("sqlite", {"path": "{tmp}/a.db", "page_cache_mb": 0}, "state.params.page_cache_mb"),
+    ("sqlite", {"path": "{tmp}/a.db", "page_cache_mb": "64"}, "state.params.page_cache_mb"),
     ("redis", {}, "state.params.url"),
     ("redis", {"url": "http://127.0.0.1:6379"}, "state.params.url"),
     ("redis", {"url": "redis://127.0.0.1:notaport/0"}, "state.params.url"),
@@ -305,7 +316,12 @@ def test_sqlite_values_survive_close_and_reopen(tmp_path: Path) -> None:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_sqlite_coverage_bitmaps_cost_at_most_16_kb_each_on_disk(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("buckets", "low", "high"), [
+    (200, 800, 2 * 1024),  # a narrow client: its set positions, 4 bytes each, with the row's overhead
+    (3_000, TOTAL // 8, 16 * 1024),  # a wide one: packed, 10 KB on overflow pages
+])
+def test_sqlite_coverage_bitmaps_cost_at_most_16_kb_each_on_disk(tmp_path: Path, buckets: int, low: int,
+                                                                  high: int) -> None:
     path, clients = tmp_path / "moat.db", 200
     store = _sqlite_at(path)
 
@@ -317,10 +333,33 @@ def test_sqlite_coverage_bitmaps_cost_at_most_16_kb_each_on_disk(tmp_path: Path)
     before = on_disk()
     rng = np.random.default_rng(0)
     for c in range(clients):
-        store.set_bits(f"cov/m/c{c}", rng.integers(0, TOTAL, 200), TOTAL, SEG)
+        store.set_bits(f"cov/m/c{c}", rng.choice(TOTAL, buckets, replace=False), TOTAL, SEG)
     per_client = (on_disk() - before) / clients
-    assert TOTAL // 8 <= per_client <= 16 * 1024
+    assert low <= per_client <= high
     store.close()
+
+
+def test_sqlite_connections_cache_page_cache_mb_of_pages(tmp_path: Path) -> None:
+    store = create_store("sqlite", {"path": str(tmp_path / "a.db"), "page_cache_mb": 8})
+    assert store._conn().execute("PRAGMA cache_size").fetchone()[0] == -8 * 1024  # KiB, as SQLite reads it
+    store.close()
+
+
+def test_sqlite_reads_a_file_of_packed_bitmaps_written_before_sparse_ones(tmp_path: Path) -> None:
+    path = tmp_path / "moat.db"
+    with sqlite3.connect(path) as raw:  # the table as earlier versions created it
+        raw.execute("CREATE TABLE bitmaps (key TEXT PRIMARY KEY, bits BLOB NOT NULL)")
+        raw.execute("INSERT INTO bitmaps VALUES (?, ?)", ("cov/m/old", packed_with_bits(None, [1, 5000], TOTAL).tobytes()))
+    store = _sqlite_at(path)
+    assert store.count_bits("cov/m/old", TOTAL, SEG)[:2].tolist() == [1, 1]
+    assert store.set_bits("cov/m/old", np.array([2]), TOTAL, SEG)[:2].tolist() == [2, 1]
+    assert store.bitmap_bytes("cov/m/old") == TOTAL // 8  # packed it was, packed it stays
+    store.set_bits("cov/m/new", np.array([7, 4100]), TOTAL, SEG)
+    store.close()
+    reopened = _sqlite_at(path)
+    assert reopened.count_bits("cov/m/new", TOTAL, SEG)[:2].tolist() == [1, 1]
+    assert reopened.bitmap_bytes("cov/m/new") == 8
+    reopened.close()
 
 
 def _child(code: str, log: Path, *args: str) -> subprocess.Popen[str]:
