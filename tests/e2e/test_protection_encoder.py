@@ -115,5 +115,7 @@ def test_two_clients_live_in_different_spaces_and_keep_their_probes(gateway: Pro
     assert cosine.mean() < 0.5, cosine.mean()
     unprotected = _probe_accuracy(_clean(images), labels)
     for answers in (carol, dave):
-        assert abs(_probe_accuracy(answers, labels) - unprotected) <= 0.005
+        # At most half a point: 5 of the 1,000 held-out images (1e-9 absorbs float rounding:
+        # 0.831 - 0.836 is 0.0050000000000000044, which a freshly trained demo encoder hit).
+        assert abs(_probe_accuracy(answers, labels) - unprotected) <= 0.005 + 1e-9
 
