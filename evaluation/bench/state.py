@@ -6,8 +6,9 @@ Operations are the ones a request's protect stage makes, timed one by one (singl
 bits), ``get_fields``, ``incr`` and ``set_fields`` (the client's status hash), ``push_rows`` and
 ``get_rows`` (a PRADA set of 64-d rows, bounded at 1,000). Bytes per client are *measured*: clients
 get coverage state through the demo encoder's protect stage (bitmap, status hash, figures), from
-spread (thief-like) and from narrow (honest) queries, and the store's size is read before and after: the SQLite file's pages in use
-(``page_count - freelist_count``, after a WAL checkpoint) and Redis' ``used_memory``.
+spread (thief-like) and from narrow (honest) queries, and the store's size is read before and
+after: the SQLite file's pages in use (``page_count - freelist_count``, after a WAL checkpoint) and
+Redis' ``used_memory``.
 """
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ def bytes_results(store: StateStore, name: str, measure: Callable[[], int], clie
 
     protection = demo_protection("fashion-encoder", store)
     results = []
-    for start, (contender, draw) in enumerate((("coverage-state", demo_batches("fashion-encoder", seed)),
-                                               ("coverage-state[narrow]", honest_batches("fashion-encoder", seed)))):
+    kinds = (("coverage-state", demo_batches("fashion-encoder", seed)),
+             ("coverage-state[narrow]", honest_batches("fashion-encoder", seed)))
+    for index, (contender, draw) in enumerate(kinds):  # each kind its own, new clients
         before = measure()
-        populate(protection, draw, (start + 1) * clients, queries=queries, start=start * clients)
+        populate(protection, draw, (index + 1) * clients, queries=queries, start=index * clients)
         after = measure()
         results.append(Result(scenario="state", model="fashion-encoder", contender=contender, store=name,
                               clients=clients, bytes_per_client=(after - before) / clients,

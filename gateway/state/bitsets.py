@@ -48,8 +48,9 @@ def bit_counts(bits: np.ndarray, total_bits: int, segment_bits: int) -> np.ndarr
 
 def add_bits(current: np.ndarray | None, positions: np.ndarray, total_bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Set ``positions`` (int64 [n], each in [0, total_bits)) in ``current`` (either form, or None for
-    a set not stored yet). Returns ``(bits, new)``: the resulting set (``current`` itself when no
-    position is new) and the positions that were not set before, sorted int64 [k]."""
+    a set not stored yet). Returns ``(bits, new)``: the resulting set (``current`` itself when it
+    held every position already, so a caller can skip writing it) and the positions that were not
+    set before, sorted int64 [k]."""
     positions = np.asarray(positions, dtype=np.int64)
     if np.any(positions[1:] <= positions[:-1]):  # coverage hands one query's sorted, distinct bits
         positions = np.unique(positions)

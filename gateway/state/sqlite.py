@@ -40,8 +40,8 @@ import numpy as np
 
 from gateway.params import ConfigError, ParamError, check_keys, number
 from gateway.state.base import STATE_STORES, rows_from_blobs
-from gateway.state.bitsets import add_bits, bit_counts, from_blob, is_sparse
-from gateway.state.sqlite_cache import TransactionCache, trim_windows
+from gateway.state.bitsets import add_bits, bit_counts
+from gateway.state.sqlite_cache import UPSERT_BITMAP, TransactionCache, bitmap_row, load_bitmap, trim_windows
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 # SQLite's own page cache per connection (its default is 2 MB): the write-back cache flushes each
@@ -227,12 +227,10 @@ class SqliteStore:
         if (cache := self._cached()) is not None:
             return cache.set_bits(self._conn(), key, positions, total_bits, segment_bits)
         with self._write() as conn:
-            current = self._stored_bits(conn, key)
-            bits, new = add_bits(current, positions, total_bits)
+            current = load_bitmap(conn, key)
+            bits, _ = add_bits(current, positions, total_bits)
             if bits is not current:
-                conn.execute("INSERT INTO bitmaps (key, bits, sparse) VALUES (?, ?, ?) ON CONFLICT (key) "
-                             "DO UPDATE SET bits = excluded.bits, sparse = excluded.sparse",
-                             (key, bits.tobytes(), is_sparse(bits)))
+                conn.execute(UPSERT_BITMAP, bitmap_row(key, bits))
         return bit_counts(bits, total_bits, segment_bits)
 
     def count_bits(self, key: str, total_bits: int, segment_bits: int) -> np.ndarray:
@@ -240,7 +238,7 @@ class SqliteStore:
         if (cache := self._cached()) is not None:
             bits = cache.bitmap(self._conn(), key)
         else:
-            bits = self._stored_bits(self._conn(), key)
+            bits = load_bitmap(self._conn(), key)
         if bits is None:
             return np.zeros(total_bits // segment_bits, np.int64)
         return bit_counts(bits, total_bits, segment_bits)
@@ -253,11 +251,6 @@ class SqliteStore:
             return 0 if bits is None else int(bits.nbytes)
         row = self._conn().execute("SELECT length(bits) FROM bitmaps WHERE key = ?", (key,)).fetchone()
         return 0 if row is None else int(row[0])
-
-    @staticmethod
-    def _stored_bits(conn: sqlite3.Connection, key: str) -> np.ndarray | None:
-        row = conn.execute("SELECT bits, sparse FROM bitmaps WHERE key = ?", (key,)).fetchone()
-        return None if row is None else from_blob(row[0], row[1])
 
     def incr(self, key: str, fields: Mapping[str, float]) -> dict[str, float]:
         """Add each amount to its numeric field (absent = 0); return the new values."""

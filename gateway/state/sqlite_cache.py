@@ -116,9 +116,8 @@ class TransactionCache:
             return self._entries[slot]
         entry: Entry
         if kind == "bits":
-            row = conn.execute("SELECT bits, sparse FROM bitmaps WHERE key = ?", (key,)).fetchone()
             # Read-only over the blob: set_bits replaces a bitmap, never changes one in place.
-            entry = None if row is None else from_blob(row[0], row[1])
+            entry = load_bitmap(conn, key)
         elif kind == "hash":
             rows = conn.execute("SELECT field, num, text FROM hashes WHERE key = ?", (key,)).fetchall()
             entry = {name: (text if text is not None else float(num)) for name, num, text in rows}
@@ -230,13 +229,12 @@ class TransactionCache:
                 hashes += [(key, name, None, value) if isinstance(value, str) else (key, name, value, None)
                            for name, value in ((n, entry[n]) for n in dirty)]  # type: ignore[index,union-attr]
             elif kind == "bits":
-                bitmaps.append((key, entry.tobytes(), is_sparse(entry)))  # type: ignore[union-attr,arg-type]
+                bitmaps.append(bitmap_row(key, entry))  # type: ignore[arg-type]
             else:
                 windows.append((key, entry))
         conn.executemany("INSERT INTO hashes (key, field, num, text) VALUES (?, ?, ?, ?) ON CONFLICT (key, field) "
                          "DO UPDATE SET num = excluded.num, text = excluded.text", hashes)
-        conn.executemany("INSERT INTO bitmaps (key, bits, sparse) VALUES (?, ?, ?) "
-                         "ON CONFLICT (key) DO UPDATE SET bits = excluded.bits, sparse = excluded.sparse", bitmaps)
+        conn.executemany(UPSERT_BITMAP, bitmaps)
         for key, _ in windows:
             self._changing(("rows", key))  # inside a savepoint: its rollback restores ``flushed``
         _write_windows(conn, windows)
@@ -253,6 +251,22 @@ class TransactionCache:
             slot, entry = self._entries.popitem(last=False)
             self._bytes -= _size(entry)
             self._counts.pop(slot, None)
+
+
+UPSERT_BITMAP = ("INSERT INTO bitmaps (key, bits, sparse) VALUES (?, ?, ?) "
+                 "ON CONFLICT (key) DO UPDATE SET bits = excluded.bits, sparse = excluded.sparse")
+
+
+def load_bitmap(conn: sqlite3.Connection, key: str) -> np.ndarray | None:
+    """``key``'s stored bit set (either form of :mod:`gateway.state.bitsets`), read-only over its
+    blob; None when absent."""
+    row = conn.execute("SELECT bits, sparse FROM bitmaps WHERE key = ?", (key,)).fetchone()
+    return None if row is None else from_blob(row[0], row[1])
+
+
+def bitmap_row(key: str, bits: np.ndarray) -> tuple[str, bytes, bool]:
+    """The parameters of :data:`UPSERT_BITMAP` for ``key``'s set ``bits``."""
+    return key, bits.tobytes(), is_sparse(bits)
 
 
 def _write_windows(conn: sqlite3.Connection, windows: list[tuple[str, _Rows]]) -> None:
