@@ -44,7 +44,18 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
     assert all(r["p50_ms"] > 0 and r["p99_ms"] >= r["p50_ms"] and r["throughput_rps"] > 0 for r in timed)
     detectors = {r["contender"] for r in results if r["scenario"] == "detectors"}
     assert {"prada", "coverage", "b4b[ok]", "b4b[flagged]", "misinformation[ok]", "misinformation[flagged]",
-            "watermark:dawn[flagged]", "protect"} <= detectors
+            "watermark:dawn[flagged]", "protect", "protect[active]"} <= detectors
+    # the 10-vs-many-clients measurement, and beside it the many-client store with as few asking
+    protect = {(r["store"], r["contender"], r["clients"]): r for r in results if r["contender"].startswith("protect")}
+    assert set(protect) == {(s, c, n) for s in ("sqlite", "redis") for c, n in
+                            (("protect", 10), ("protect", 200), ("protect[active]", 200))}
+    assert all(protect[s, "protect[active]", 200]["extra"]["asking_clients"] == 10 for s in ("sqlite", "redis"))
+    clients_ratios = [r for r in data["ratios"] if r["target"].startswith("protect cost")]
+    assert sorted((r["target"], r["bound"]) for r in clients_ratios) == sorted(
+        [("protect cost with 200 / 10 clients", "<= 1.2")] * 2 + [("protect cost with 200 stored, 10 asking / 10", "info")] * 2)
+    active = next(r for r in clients_ratios if "asking" in r["target"] and r["subject"].endswith("sqlite"))
+    assert abs(active["value"] - protect["sqlite", "protect[active]", 200]["p50_ms"]
+               / protect["sqlite", "protect", 10]["p50_ms"]) < 1e-9
     assert {r["history"] for r in results if r["scenario"] == "detectors" and r["history"]} == {100, 1000}
     sizes = {r["store"]: r["bytes_per_client"] for r in results if r["bytes_per_client"] is not None}
     assert set(sizes) == {"sqlite", "redis"} and all(size > 0 for size in sizes.values())
