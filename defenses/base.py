@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from defenses.codes import coarse_grid, quantised_codes
+from defenses.codes import PooledQueries, coarse_grid, quantised_codes
 from detectors.base import ModelKind, QueryBatch, Verdict
 from gateway.registry import Registry
 
@@ -27,6 +27,8 @@ class DefenseContext:
         verdicts: detector name -> verdict after this batch.
         suspicion: the policy's combined suspicion in [0, 1].
         flagged: whether the policy considers the client a likely thief.
+        pooled: the batch's queries pooled beforehand (``PooledQueries.of(batch.inputs)``: the
+            gateway pools them while the model computes the answer); None: pooled on first use.
     """
 
     client: str
@@ -34,18 +36,23 @@ class DefenseContext:
     verdicts: Mapping[str, Verdict] = field(default_factory=dict)
     suspicion: float = 0.0
     flagged: bool = False
-    # The batch's pooled query grid, shared by the defenses and the watermark of one answer.
-    _grid: list[np.ndarray] = field(default_factory=list, init=False, repr=False, compare=False)
+    pooled: PooledQueries | None = field(default=None, repr=False, compare=False)
+    # The batch's pooled queries, shared by the defenses and the watermark of one answer.
+    _pooled: list[PooledQueries] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def query_codes(self, levels: int, rows: np.ndarray | None = None) -> list[bytes]:
         """``defenses.codes.query_codes(batch.inputs[rows], levels)`` (all rows when
         ``rows`` is None), pooling the batch's inputs once per answer: misinformation and DAWN
         both code every query of a flagged client's answer."""
-        if not self._grid:
-            if rows is not None:  # a few rows of the batch: pool just those, keep nothing
+        if not self._pooled:
+            if self.pooled is not None:
+                self._pooled.append(self.pooled)
+            elif rows is not None:  # a few rows of the batch: pool just those, keep nothing
                 return quantised_codes(coarse_grid(np.asarray(self.batch.inputs)[rows]), levels)
-            self._grid.append(coarse_grid(self.batch.inputs))
-        return quantised_codes(self._grid[0] if rows is None else self._grid[0][rows], levels)
+            else:
+                self._pooled.append(PooledQueries(coarse_grid(self.batch.inputs)))
+        pooled = self._pooled[0]
+        return pooled.codes(levels) if rows is None else quantised_codes(pooled.grid[rows], levels)
 
 
 @runtime_checkable

@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 
-__all__ = ["GRID", "LEVELS", "coarse_grid", "query_codes", "quantised_codes"]
+__all__ = ["GRID", "LEVELS", "PooledQueries", "coarse_grid", "query_codes", "quantised_codes"]
 
 #: Side of the pooled grid and number of grey levels of the coarse query code. Measured on 300
 #: Fashion-MNIST test images x 50 near-duplicates each (every pixel +-1/255, clipped), the share of
@@ -55,6 +55,31 @@ def quantised_codes(grid: np.ndarray, levels: int) -> list[bytes]:
     quantised = np.minimum((unit * levels).astype(np.uint8), np.uint8(levels - 1))
     shape = struct.pack(">II", *quantised.shape[1:])
     return [shape + row.tobytes() for row in quantised]
+
+
+class PooledQueries:
+    """A batch's queries pooled once (:func:`coarse_grid`: ``grid`` float64 [B, g, g']) and their
+    codes at each number of grey levels asked for, computed once: one answer's defenses and
+    watermark share them, and the gateway computes them while the model computes the answer."""
+
+    def __init__(self, grid: np.ndarray) -> None:
+        self.grid = grid
+        self._codes: dict[int, list[bytes]] = {}
+
+    @classmethod
+    def of(cls, inputs: np.ndarray, levels: tuple[int, ...] = ()) -> PooledQueries:
+        """``inputs`` [B, ...] pooled, with their codes at each of ``levels`` computed now."""
+        pooled = cls(coarse_grid(inputs))
+        for n in levels:
+            pooled.codes(n)
+        return pooled
+
+    def codes(self, levels: int) -> list[bytes]:
+        """:func:`query_codes` of the batch's queries at ``levels`` grey levels (B byte strings)."""
+        codes = self._codes.get(levels)
+        if codes is None:
+            codes = self._codes[levels] = quantised_codes(self.grid, levels)
+        return codes
 
 
 def _pool(x: np.ndarray, axis: int) -> np.ndarray:

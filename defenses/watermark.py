@@ -194,6 +194,7 @@ class DAWN:
         if kind != "classifier":
             raise ParamError("name", f"dawn changes class labels; it does not apply to a {kind}")
         self.rate, self.levels, self.max_evidence = _selection_params(params)
+        self.query_levels = (self.levels,)  # codes every answer's queries: pooled ahead by the gateway
         self.top_k = int(number(params, "top_k", 0, low=0, integer=True))
         if self.top_k == 1:
             raise ParamError("top_k", "must be 0 (all classes) or >= 2, got 1")
@@ -225,12 +226,12 @@ class DAWN:
         """Swap the argmax and the keyed label on selected rows: float32 [B, K] -> float32 [B, K]."""
         p, inputs = _checked_batch(outputs, context, "dawn expects probabilities [B, K] with K >= 2")
         # Selection reads the clean answer, so earlier defenses (which may be per client) do not
-        # change which queries carry the watermark.
+        # change which queries carry the watermark (its argmax: float32 and float64 agree).
+        rows = np.nonzero(self._selected(context.query_codes(self.levels), context.batch.outputs))[0]
+        if not len(rows):  # most answers: sent as they are, no copy
+            return Marked(p if p.dtype == np.float32 else p.astype(np.float32))
         clean = np.asarray(context.batch.outputs, dtype=np.float64)
-        rows = np.nonzero(self._selected(context.query_codes(self.levels), clean))[0]
         out = p.astype(np.float32, copy=True)
-        if not len(rows):
-            return Marked(out)
         wrong = self.labels(inputs[rows], clean[rows])
         top = out[rows].argmax(axis=1)
         high, low = out[rows, top], out[rows, wrong]
@@ -306,6 +307,7 @@ class Direction:
         if kind != "encoder":
             raise ParamError("name", f"direction turns embeddings; it does not apply to a {kind} (use dawn)")
         self.rate, self.levels, self.max_evidence = _selection_params(params)
+        self.query_levels = (self.levels,)  # codes every answer's queries: pooled ahead by the gateway
         self.strength = float(number(params, "strength", DEFAULT_STRENGTH, low=0.0, low_inclusive=False))
         self._key = _watermark_key(secret)
 
@@ -325,9 +327,9 @@ class Direction:
         """Turn the selected rows towards their keyed directions: float32 [B, D] -> float32 [B, D]."""
         e, inputs = _checked_batch(outputs, context, "direction expects embeddings [B, D] with D >= 2")
         rows = np.nonzero(self._selected(context.query_codes(self.levels)))[0]
+        if not len(rows):  # most answers: sent as they are, no copy
+            return Marked(e if e.dtype == np.float32 else e.astype(np.float32))
         out = e.astype(np.float32, copy=True)
-        if not len(rows):
-            return Marked(out)
         before = e[rows].astype(np.float64)
         u = self.directions(inputs[rows], e.shape[1])
         norms = np.linalg.norm(before, axis=1, keepdims=True)

@@ -4,7 +4,8 @@ The gRPC servicer decodes a message, calls :meth:`DataPlane.infer` and encodes t
 request goes through validation, admission (the client's cached standing), the backend, then the
 protect stage: defenses and the watermark on the client's standing, and detection of the request
 itself after its answer (deferred, :mod:`gateway.deferred`) or, for batches over
-``deferred_max_rows``, before it.
+``deferred_max_rows``, before it. While the backend computes a small request's answer, the loop
+pools its queries for the defenses (:meth:`ModelProtection.pool_queries`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, ContextManager, TypeVar, cast
 
 import numpy as np
 
+from defenses.codes import PooledQueries
 from defenses.watermark import Marked
 from detectors.base import QueryBatch
 from gateway.auth import Client
@@ -43,6 +45,15 @@ class ServedModel:
     config: ModelConfig
     backend: Backend
     protection: ModelProtection | None = None
+
+
+@dataclass
+class _Query:
+    """A protected request's primary input, float32 [B, ...], and its queries pooled for the
+    defenses while the model computes the answer (None until then, or when nothing codes them)."""
+
+    inputs: np.ndarray
+    pooled: PooledQueries | None = None
 
 
 @dataclass
@@ -148,38 +159,51 @@ class DataPlane:
                 snapshot = await self._look_up(client, lambda: protection.snapshot(client.id))
             protection.admit(client, snapshot)
             self._admission_timers[request.model_name].observe(self._clock() - started)
+        query = _Query(np.asarray(request.inputs[metadata.inputs[0].name], dtype=np.float32)) \
+            if protection is not None else None
         started = self._clock()
         try:
-            response = await served.backend.infer(request, deadline, while_waiting=self._while_waiting())
+            response = await served.backend.infer(request, deadline,
+                                                  while_waiting=self._while_waiting(protection, client, query))
         except GatewayError as error:
             if served.config.backend.name == "upstream":
                 self._metrics.upstream_errors.labels(model=request.model_name, code=error.code.name).inc()
             raise
         self._backend_timers[request.model_name].observe(self._clock() - started)
         if protection is not None:
-            await self._protect(served, client, request, response, metadata)
+            await self._protect(served, client, cast(_Query, query), response, metadata)
         response.outputs = _selected_outputs(response, metadata, request.requested_outputs)
         response.id = request.id
         response.model_version = request.model_version
         return response
 
-    def _while_waiting(self) -> Callable[[], None] | None:
-        """What the loop may do while this request waits for its model: the deferred detection
-        still queued when this is the only request in flight (jobs submitted alone already ran
-        after their answer; under load they gather for a few milliseconds, see
-        :meth:`LoopDetection.submit`)."""
+    def _while_waiting(self, protection: ModelProtection | None, client: Client,
+                       query: _Query | None) -> Callable[[], None] | None:
+        """What the loop may do while this request waits for its model: pool its queries for the
+        defenses (:meth:`ModelProtection.pool_queries`: they depend on the queries only), and run
+        the deferred detection still queued when this is the only request in flight (jobs
+        submitted alone already ran after their answer; under load they gather for a few
+        milliseconds, see :meth:`LoopDetection.submit`)."""
+        run_queued: Callable[[], None] | None = None
         if self._on_loop is not None and self._on_loop.pending and self._in_flight == 1:
-            return self._on_loop.run_queued
-        return None
+            run_queued = self._on_loop.run_queued
+        if protection is None or query is None or len(query.inputs) > self._deferred_max_rows:
+            return run_queued  # big batches are defended after inline detection: nothing to pool
+
+        def pool_then_run_queued() -> None:
+            query.pooled = protection.pool_queries(client, query.inputs)
+            if run_queued is not None:
+                run_queued()
+        return pool_then_run_queued
 
     async def _protect(
-        self, served: ServedModel, client: Client, request: InferRequest, response: InferResponse,
+        self, served: ServedModel, client: Client, query: _Query, response: InferResponse,
         metadata: ModelMetadata,
     ) -> None:
         """Detect and defend on the primary (first declared) input and output."""
         protection = cast(ModelProtection, served.protection)  # the caller checked it is set
-        primary_in, primary_out = metadata.inputs[0], metadata.outputs[0]
-        inputs = np.asarray(request.inputs[primary_in.name], dtype=np.float32)
+        primary_out = metadata.outputs[0]
+        inputs = query.inputs
         embeddings = None
         features = getattr(served.backend, "features", None)
         if served.config.kind == "classifier" and features is not None:
@@ -188,13 +212,14 @@ class DataPlane:
                            outputs=np.asarray(response.outputs[primary_out.name], dtype=np.float32),
                            embeddings=embeddings)
         if len(inputs) <= self._deferred_max_rows:
-            outputs = await self._defend_then_detect(protection, client, batch)
+            outputs = await self._defend_then_detect(protection, client, batch, query.pooled)
         else:
             outcome = await self._in_order(client, lambda: protection.protect(client, batch))
             outputs = outcome.outputs
         response.outputs[primary_out.name] = outputs.astype(primary_out.dtype, copy=False)
 
-    async def _defend_then_detect(self, protection: ModelProtection, client: Client, batch: QueryBatch) -> np.ndarray:
+    async def _defend_then_detect(self, protection: ModelProtection, client: Client, batch: QueryBatch,
+                                  pooled: PooledQueries | None = None) -> np.ndarray:
         """Answer with the standing the client's earlier requests left, then detect on this one
         after the answer (deferred detection, see :mod:`gateway.deferred`)."""
         await self._settled(client)
@@ -202,7 +227,7 @@ class DataPlane:
         if snapshot is None:  # reset by an operator meanwhile, or a block to re-check
             snapshot = await self._look_up(client, lambda: protection.snapshot(client.id))
         protection.refuse_blocked(client, snapshot)
-        outputs, marked = protection.defend(client, batch, snapshot)
+        outputs, marked = protection.defend(client, batch, snapshot, pooled)
         if marked is not None:  # the evidence is durable before the answer leaves
             await self._keep_evidence(protection, client, marked)
         # Queued after the evidence: queued before, the evidence write would run it first, on

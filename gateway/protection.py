@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from defenses.base import DefenseContext
+from defenses.codes import PooledQueries
 from defenses.watermark import Marked
 from detectors.base import QueryBatch, Verdict
 from gateway.alerts import AlertSink
@@ -115,6 +116,9 @@ class ModelProtection:
         # This process's view of each client's standing, least recently updated first (~1 KB each).
         self._snapshots: OrderedDict[str, Snapshot] = OrderedDict()
         self._children = _MetricChildren(metrics, config)
+        # Per tier: the grey levels at which its defenses and watermark code every answer's queries,
+        # or None when none codes queries at all (see pool_queries).
+        self._query_levels = {name: _query_levels((*t.defenses, t.watermark)) for name, t in self.tiers.items()}
 
     def _status_key(self, client: str) -> str:
         return client_key("client", self.config.name, client)
@@ -205,16 +209,33 @@ class ModelProtection:
         self._account(client, before, status, verdicts, suspicion)
         return self._remember(client, status, verdicts)
 
-    def defend(self, caller: Client, batch: QueryBatch, snapshot: Snapshot) -> tuple[np.ndarray, Marked | None]:
+    def pool_queries(self, caller: Client, inputs: np.ndarray) -> PooledQueries | None:
+        """The queries ``inputs`` [B, ...] pooled, and coded at the levels ``caller``'s defenses and
+        watermark code every answer at, for :meth:`defend`'s ``pooled``; None when none of them codes
+        queries, or when ``inputs`` are not images (defend then reports that itself). Depends on
+        the queries only, so the gateway pools them while the model computes the answer: on the
+        answer's path, with caches cold after the client and the model server had the CPU, the
+        same work took several times as long (``moat bench``, see the performance log)."""
+        levels = self._query_levels.get(caller.tier)
+        if levels is None:
+            return None
+        try:
+            return PooledQueries.of(inputs, levels)
+        except ValueError:
+            return None
+
+    def defend(self, caller: Client, batch: QueryBatch, snapshot: Snapshot,
+               pooled: PooledQueries | None = None) -> tuple[np.ndarray, Marked | None]:
         """The answer to send for ``batch`` (float32 [B, K]) given the client's standing, and the
         watermark's evidence to keep before it leaves (None when nothing was marked). Pure numpy:
-        no store access, so the gateway runs it on the event loop."""
+        no store access, so the gateway runs it on the event loop. ``pooled``: the batch's
+        queries pooled beforehand (:meth:`pool_queries`), or None."""
         components = self.tiers[caller.tier]
         if components.trusted:
             return batch.outputs, None
         started = self._clock()
         context = DefenseContext(client=caller.id, batch=batch, verdicts=snapshot.verdicts,
-                                 suspicion=snapshot.suspicion, flagged=snapshot.status != "ok")
+                                 suspicion=snapshot.suspicion, flagged=snapshot.status != "ok", pooled=pooled)
         outputs = batch.outputs
         for defense in components.defenses:
             changed = defense.apply(outputs, context)
@@ -360,3 +381,10 @@ class ModelProtection:
             self._snapshots.pop(client, None)
             self._count_status(self._statuses.pop(client, None), None)
         return self._store.delete(client_prefix(self.config.name, client))
+
+
+def _query_levels(components: tuple[Any, ...]) -> tuple[int, ...] | None:
+    """The grey levels at which ``components`` (defenses, watermark or None) code every answer's
+    queries (their ``query_levels``), or None when none of them codes queries."""
+    coding = [c.query_levels for c in components if hasattr(c, "query_levels")]
+    return None if not coding else tuple(sorted({n for levels in coding for n in levels}))

@@ -1,6 +1,7 @@
 """Deferred detection over real gRPC: a small request is answered with the standing its predecessors
 left and detected right after; a batch larger than ``server.deferred_max_rows`` is judged before
-its answer; ``deferred_max_rows: 0`` detects every request first."""
+its answer; ``deferred_max_rows: 0`` detects every request first. A small request's queries are
+pooled for its defenses while its model runs."""
 
 from __future__ import annotations
 
@@ -83,3 +84,48 @@ async def test_a_batch_above_the_deferred_bound_is_judged_before_its_answer(
     labels = (await _answer(client, images)).argmax(1)
     assert await _status(admin) == "flagged"
     assert np.mean(labels != _clean_labels(tiny_torchscript, images)) == 1.0
+
+
+async def test_a_small_request_is_defended_with_its_queries_pooled_while_the_model_ran(
+        make_gateway: GatewayFactory, tiny_torchscript: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pooling a request's queries for the defenses (``ModelProtection.pool_queries``) happens while
+    its model computes the answer, and that answer is defended with them; a batch above
+    ``deferred_max_rows``, defended after inline detection, pools them itself."""
+    from defenses.codes import coarse_grid
+    from gateway.pipeline import DataPlane
+    from gateway.protection import ModelProtection
+
+    events: list[tuple[str, object]] = []
+    pool_queries, defend, protect = ModelProtection.pool_queries, ModelProtection.defend, DataPlane._protect
+
+    def pooling(self, caller, inputs):  # type: ignore[no-untyped-def]
+        pooled = pool_queries(self, caller, inputs)
+        events.append(("pooled", pooled))
+        return pooled
+
+    def defending(self, caller, batch, snapshot, pooled=None):  # type: ignore[no-untyped-def]
+        events.append(("defend", pooled))
+        if pooled is not None:
+            np.testing.assert_array_equal(pooled.grid, coarse_grid(batch.inputs))
+        return defend(self, caller, batch, snapshot, pooled)
+
+    async def protecting(self, *args):  # type: ignore[no-untyped-def]
+        events.append(("answered", None))  # the model's answer is in: the protect stage starts
+        return await protect(self, *args)
+
+    monkeypatch.setattr(ModelProtection, "pool_queries", pooling)
+    monkeypatch.setattr(ModelProtection, "defend", defending)
+    monkeypatch.setattr(DataPlane, "_protect", protecting)
+    model = embedded_model("tiny", tiny_torchscript)
+    model["watermark"] = {"name": "dawn", "params": {"rate": 0.5}}  # codes every answer's queries
+    gateway = await make_gateway([model], state={"name": "memory"}, deferred_max_rows=8)
+    client = stub(gateway.ports.grpc)
+    images = np.random.default_rng(2).random((40, 1, 4, 4), dtype=np.float32)
+    for image in images[:20]:
+        await _answer(client, image[None])
+    small = events[:]
+    assert [kind for kind, _ in small] == ["pooled", "answered", "defend"] * 20
+    assert all(small[i][1] is not None and small[i + 2][1] is small[i][1] for i in range(0, 60, 3))
+    events.clear()
+    await _answer(client, images[20:])  # 20 rows > deferred_max_rows: defended after detection
+    assert events == [("answered", None), ("defend", None)]

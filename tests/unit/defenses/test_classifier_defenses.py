@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from defenses.base import Defense, DefenseContext, create_defense
-from defenses.codes import query_codes
+from defenses.codes import PooledQueries, query_codes
 from defenses.misinformation import AdaptiveMisinformation
 from detectors.base import QueryBatch
 
@@ -112,6 +112,47 @@ def test_an_answers_context_codes_its_queries_as_query_codes_does() -> None:
         assert context.query_codes(2, first_rows) == query_codes(x if first_rows is None else x[rows], 2)
         assert context.query_codes(3) == query_codes(x, 3)
         assert context.query_codes(2, rows) == query_codes(x[rows], 2)
+
+
+def test_queries_pooled_beforehand_give_the_codes_of_pooling_them_in_the_context() -> None:
+    """The gateway pools an answer's queries while the model computes it (``PooledQueries.of``):
+    a context handed them codes exactly as one that pools them itself, for all rows or a subset."""
+    x = np.random.default_rng(2).random((6, 1, 28, 28), dtype=np.float32)
+    p = np.full((6, 3), 1 / 3, dtype=np.float32)
+    rows = np.array([0, 4])
+    pooled = PooledQueries.of(x, (3,))
+    assert pooled.codes(3) == query_codes(x, 3) and pooled.codes(2) == query_codes(x, 2)
+    context = DefenseContext("alice", QueryBatch("clf", "classifier", x, p), pooled=pooled)
+    assert context.query_codes(2, rows) == query_codes(x[rows], 2)
+    assert context.query_codes(3) == query_codes(x, 3)
+    with pytest.raises(ValueError, match="queries must be"):
+        PooledQueries.of(np.zeros(2, np.float32))  # [B] is no image
+
+
+@pytest.mark.parametrize("params", [{}, {"tau": 0.5, "nu": 40.0}, {"unflagged": "off"}])
+def test_misinformation_leaves_confident_answers_as_the_full_gate_would(
+        params: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unflagged answers whose top probability clears τ + 30/ν skip the gate's arithmetic; every
+    answer, on either side of that bound and at it, is bit-identical to the full computation's."""
+    defense = _build("misinformation", **params)
+    assert isinstance(defense, AdaptiveMisinformation)
+    rng = np.random.default_rng(3)
+    bound = defense.tau + 30.0 / defense.nu
+    top = np.concatenate([rng.uniform(0.1, 1.0, 300), np.clip(bound + rng.normal(0, 1e-3, 200), 0.1, 1.0), [bound]])
+    probs = np.empty((len(top), 4), np.float32)
+    probs[:, 0] = top
+    probs[:, 1:] = ((1.0 - top[:, None]) * rng.dirichlet(np.ones(3), len(top)))
+    inputs = rng.random((len(top), 1, 28, 28), dtype=np.float32)
+    for flagged in (False, True):
+        for i in range(0, len(top), 25):  # batches of 25 and single rows alike
+            for rows in (slice(i, i + 25), slice(i, i + 1)):
+                fast = _apply(defense, probs[rows], inputs[rows], flagged=flagged)
+                with monkeypatch.context() as patch:
+                    patch.setattr(defense, "_untouched", lambda *_: False)
+                    full = _apply(defense, probs[rows], inputs[rows], flagged=flagged)
+                np.testing.assert_array_equal(fast, full)
+    confident = probs[top >= bound + 1e-3][:1]
+    assert _apply(defense, confident, inputs[:1]).tobytes() == confident.tobytes()
 
 
 def test_misinformation_answers_a_flagged_client_with_the_keyed_one_hot() -> None:
