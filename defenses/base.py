@@ -27,8 +27,9 @@ class DefenseContext:
         verdicts: detector name -> verdict after this batch.
         suspicion: the policy's combined suspicion in [0, 1].
         flagged: whether the policy considers the client a likely thief.
-        pooled: the batch's queries pooled beforehand (``PooledQueries.of(batch.inputs)``: the
-            gateway pools them while the model computes the answer); None: pooled on first use.
+        pooled: the batch's queries pooled (``PooledQueries.of(batch.inputs)``), shared by the
+            defenses and the watermark of one answer: given when the caller pooled them beforehand
+            (the gateway does while the model computes the answer), else set on first use.
     """
 
     client: str
@@ -37,21 +38,17 @@ class DefenseContext:
     suspicion: float = 0.0
     flagged: bool = False
     pooled: PooledQueries | None = field(default=None, repr=False, compare=False)
-    # The batch's pooled queries, shared by the defenses and the watermark of one answer.
-    _pooled: list[PooledQueries] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def query_codes(self, levels: int, rows: np.ndarray | None = None) -> list[bytes]:
         """``defenses.codes.query_codes(batch.inputs[rows], levels)`` (all rows when
         ``rows`` is None), pooling the batch's inputs once per answer: misinformation and DAWN
         both code every query of a flagged client's answer."""
-        if not self._pooled:
-            if self.pooled is not None:
-                self._pooled.append(self.pooled)
-            elif rows is not None:  # a few rows of the batch: pool just those, keep nothing
+        pooled = self.pooled
+        if pooled is None:
+            if rows is not None:  # a few rows of the batch: pool just those, keep nothing
                 return quantised_codes(coarse_grid(np.asarray(self.batch.inputs)[rows]), levels)
-            else:
-                self._pooled.append(PooledQueries(coarse_grid(self.batch.inputs)))
-        pooled = self._pooled[0]
+            pooled = PooledQueries(coarse_grid(self.batch.inputs))
+            object.__setattr__(self, "pooled", pooled)  # frozen for its callers; this is the answer's cache
         return pooled.codes(levels) if rows is None else quantised_codes(pooled.grid[rows], levels)
 
 

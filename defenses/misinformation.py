@@ -92,9 +92,11 @@ class AdaptiveMisinformation:
         an unflagged client's confident answers (most honest ones). Two numpy calls instead of the
         gate's dozen: in the gateway this runs on the answer's path, where each call runs with
         caches cold after the client and the model server had the CPU."""
-        if flagged or not len(probs):
-            return not flagged
-        return self.unflagged == "off" or float(probs.max(axis=1).min()) >= self._untouched_from
+        if flagged:
+            return False
+        if self.unflagged == "off" or not len(probs):
+            return True
+        return float(probs.max(axis=1).min()) >= self._untouched_from
 
     def wrong_labels(self, client: str, inputs: np.ndarray, top: np.ndarray, classes: int) -> np.ndarray:
         """Keyed wrong class int64 [B] for queries ``inputs`` [B, ...] whose clean argmax is ``top`` [B]:
