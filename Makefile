@@ -11,7 +11,7 @@ export MOAT_KSERVE_PYTHON ?= $(CURDIR)/$(KSERVE_VENV)/bin/python
 # Debian packages: the real data, and the real servers the tests start.
 SYSTEM_PACKAGES := dataset-fashion-mnist redis-server prometheus
 
-.PHONY: setup system-deps test test-unit test-e2e demo protos zoo clean
+.PHONY: setup system-deps test test-unit test-e2e demo protos zoo bench clean
 
 setup: system-deps $(VENV)/.installed $(KSERVE_VENV)/.installed
 
@@ -58,6 +58,12 @@ test-e2e:
 
 zoo: setup
 	$(BIN)/python -m evaluation.zoo build fashion-classifier fashion-encoder
+
+# The benchmarks on the models `make zoo` trained (the same MOAT_CACHE_DIR, so nothing is trained
+# twice); BENCH_ARGS adds options, e.g. `make bench BENCH_ARGS="--scenarios overhead --rounds 7"`.
+BENCH_OUT ?= bench-out
+bench: zoo
+	$(BIN)/moat bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
 demo: setup
 	$(BIN)/python -m evaluation.zoo build fashion-classifier fashion-encoder
