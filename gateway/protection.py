@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +42,10 @@ from gateway.tiers import TierComponents, build_tier
 STATUSES = ("ok", "flagged", "throttled", "blocked")
 RECHECK_SECONDS = 1.0  # a cached block or throttle is re-read from the store after this long
 MAX_SNAPSHOTS = 100_000  # clients whose standing a model keeps in memory (~100 MB)
+# Locks that serialise one client's detection, a client mapped to one by its name's hash: a lock
+# per client ever seen grew without bound (100,000 clients, 100,000 locks kept forever). Two
+# clients sharing one only wait for each other, and detection runs on a few threads at most.
+CLIENT_LOCKS = 256
 log = logging.getLogger("moat.watermark")
 
 
@@ -109,7 +113,7 @@ class ModelProtection:
         self.config, self._store, self._metrics, self._alerts, self._clock = config, store, metrics, alerts, clock
         self.tiers = {tier.name: build_tier(config, tier, where, store, secret) for tier in tiers}
         self._guard = threading.Lock()
-        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._locks = tuple(threading.Lock() for _ in range(CLIENT_LOCKS))
         self._buckets: dict[str, TokenBucket] = {}
         self._statuses: dict[str, str] = {}
         self._status_counts = {s: 0 for s in STATUSES[1:]}  # clients per non-ok status, for the gauge
@@ -198,9 +202,7 @@ class ModelProtection:
         components, client = self.tiers[caller.tier], caller.id
         if components.trusted:
             return Snapshot(status="trusted", suspicion=0.0, verdicts={}, taken=self._clock())
-        with self._guard:
-            lock = self._locks[client]
-        with lock:
+        with self._locks[hash(client) % len(self._locks)]:
             started = self._clock()
             verdicts = {name: detector.observe(client, batch) for name, detector in components.detectors.items()}
             suspicion = max((v.score for v in verdicts.values()), default=0.0)

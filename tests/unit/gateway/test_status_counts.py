@@ -1,4 +1,5 @@
-"""The moat_flagged_clients gauge follows status changes and resets without scanning every client."""
+"""The moat_flagged_clients gauge follows status changes and resets without scanning every client;
+per-client bookkeeping stays bounded."""
 
 from __future__ import annotations
 
@@ -44,3 +45,14 @@ def test_evicted_standing_is_read_back_from_the_store(monkeypatch) -> None:
     again = protection.snapshot("thief")  # from the store: status and the detectors' figures
     assert again.status == "flagged"
     assert again.verdicts["coverage"].figures["coverage"] == thief.verdicts["coverage"].figures["coverage"]
+
+
+def test_detection_locks_stay_bounded_however_many_clients_ask() -> None:
+    import gateway.protection
+
+    protection = demo_protection("fashion-encoder", create_store("memory", {}))
+    batch = demo_batches("fashion-encoder", seed=0)
+    for i in range(3 * gateway.protection.CLIENT_LOCKS):
+        protection.observe(Client(f"c{i}"), batch(1))
+    # One lock per client ever seen grew without bound; clients now share a fixed set.
+    assert len(protection._locks) == gateway.protection.CLIENT_LOCKS
