@@ -1,7 +1,8 @@
 """Scenario ``detectors``: per-query cost of each detector, defense and watermark of the demo
 config as one client's history grows (1k, 10k, 100k queries), and the whole protect stage's
 per-request cost with 10 vs 100,000 distinct clients in the store (and, for information, with
-100,000 stored of which 10 ask: see :func:`clients_results`). Detectors are timed inside a
+100,000 stored of which 10 ask: see :func:`clients_results`), with its parts apart (detectors,
+defenses, the transaction's end: :data:`PARTS`). Detectors are timed inside a
 store transaction, as the gateway runs them (on SQLite: with the write-back cache; the commit,
 once per batch of requests in the gateway, is not in a component's figure).
 
@@ -219,17 +220,35 @@ def protect(protection: ModelProtection, client: Client, batch: QueryBatch) -> A
         return protection.protect(client, batch)
 
 
+PARTS = ("detect", "defend", "commit")  # a protect call's parts, timed apart (see timed_protect)
+
+
+def timed_protect(protection: ModelProtection, client: Client, batch: QueryBatch) -> np.ndarray:
+    """:func:`protect`, timed in its parts: seconds float64 [3] of the detectors and policy
+    (``observe``), the defenses and watermark with the evidence they keep (``defend``,
+    ``keep_evidence``), and the store transaction's end (the write-back flush and COMMIT)."""
+    parts = np.empty(len(PARTS))
+    transaction = getattr(protection._store, "transaction", nullcontext)()
+    started = time.perf_counter()
+    with transaction:
+        snapshot = protection.observe(client, batch)
+        detected = time.perf_counter()
+        _, marked = protection.defend(client, batch, snapshot)
+        if marked is not None:
+            protection.keep_evidence(client, marked)
+        defended = time.perf_counter()
+    parts[:] = (detected - started, defended - detected, time.perf_counter() - defended)
+    return parts
+
+
 def time_protect(protection: ModelProtection, draw: Callable[[int], QueryBatch], clients: int, calls: int,
                  rng: np.random.Generator) -> np.ndarray:
-    """Seconds per protect call (1 query) of randomly chosen existing clients."""
+    """Seconds of each part (:data:`PARTS`) of each protect call (1 query) of randomly chosen
+    existing clients: float64 [calls, 3]; a call's cost is its row's sum."""
     batches = [draw(1) for _ in range(calls)]
     ids = rng.integers(0, clients, calls)
-    seconds = np.empty(calls)
-    for k, (i, batch) in enumerate(zip(ids, batches, strict=True)):
-        started = time.perf_counter()
-        protect(protection, Client(f"c{i}"), batch)
-        seconds[k] = time.perf_counter() - started
-    return seconds
+    return np.stack([timed_protect(protection, Client(f"c{i}"), batch)
+                     for i, batch in zip(ids, batches, strict=True)])
 
 
 ACTIVE = "protect[active]"  # the large store's cost when only as many of its clients as the small one has ask
@@ -262,14 +281,27 @@ def clients_results(stores: dict[str, tuple[StateStore, StateStore]], model: str
         for _ in range(rounds):
             for contender, stored, protection, asking in cells:
                 samples[contender, stored].append(time_protect(protection, draw, asking, calls, rng))
-        for (contender, stored), seconds in samples.items():
-            p50 = float(np.median([np.median(s) for s in seconds]) * 1e3)
-            p99 = float(np.median([np.percentile(s, 99) for s in seconds]) * 1e3)
-            rps = float(np.median([len(s) / s.sum() for s in seconds]))
-            results.append(Result(scenario="detectors", model=model, contender=contender, store=store_name,
-                                  batch=1, clients=stored, p50_ms=p50, p99_ms=p99, throughput_rps=rps,
-                                  rounds=rounds, extra={"asking_clients": counts[0]} if contender == ACTIVE else {}))
+        for (contender, stored), rounds_parts in samples.items():
+            results.append(_protect_result(model, store_name, contender, stored, rounds_parts,
+                                           asking=counts[0] if contender == ACTIVE else None))
     return results
+
+
+def _protect_result(model: str, store_name: str, contender: str, stored: int, rounds_parts: list[np.ndarray],
+                    asking: int | None) -> Result:
+    """Medians over rounds of the calls' p50, p99 and rate, and in ``extra.parts_p50_ms`` each
+    part's median (where a client nobody asked lately pays more: see the README)."""
+    seconds = [parts.sum(axis=1) for parts in rounds_parts]
+    parts_p50 = {name: float(np.median([np.median(p[:, k]) for p in rounds_parts]) * 1e3)
+                 for k, name in enumerate(PARTS)}
+    extra: dict[str, Any] = {"parts_p50_ms": parts_p50}
+    if asking is not None:
+        extra["asking_clients"] = asking
+    return Result(scenario="detectors", model=model, contender=contender, store=store_name, batch=1,
+                  clients=stored, p50_ms=float(np.median([np.median(s) for s in seconds]) * 1e3),
+                  p99_ms=float(np.median([np.percentile(s, 99) for s in seconds]) * 1e3),
+                  throughput_rps=float(np.median([len(s) / s.sum() for s in seconds])),
+                  rounds=len(rounds_parts), extra=extra)
 
 
 def clients_ratios(results: Sequence[Result], counts: tuple[int, int]) -> list[dict[str, Any]]:
@@ -291,4 +323,16 @@ def clients_ratios(results: Sequence[Result], counts: tuple[int, int]) -> list[d
                 ratios.append({"target": f"protect cost with {counts[1]} / {counts[0]} clients",
                                "subject": f"{r.model} protect {r.store}", "value": value,
                                "bound": "<= 1.2", "holds": value <= 1.2})
+                ratios += _part_ratios(r, base, counts)
+    return ratios
+
+
+def _part_ratios(many: Result, few: Result, counts: tuple[int, int]) -> list[dict[str, Any]]:
+    """For information: each part's p50 with ``counts[1]`` clients over ``counts[0]``, its ms in the subject."""
+    ratios = []
+    for name in PARTS:
+        high, low = many.extra["parts_p50_ms"][name], few.extra["parts_p50_ms"][name]
+        ratios.append({"target": f"protect part with {counts[1]} / {counts[0]} clients",
+                       "subject": f"{many.model} {name} {many.store} ({low:.3f} -> {high:.3f} ms)",
+                       "value": high / low if low > 0 else float("inf"), "bound": "info", "holds": True})
     return ratios

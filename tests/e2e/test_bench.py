@@ -53,6 +53,14 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
     clients_ratios = [r for r in data["ratios"] if r["target"].startswith("protect cost")]
     assert sorted((r["target"], r["bound"]) for r in clients_ratios) == sorted(
         [("protect cost with 200 / 10 clients", "<= 1.2")] * 2 + [("protect cost with 200 stored, 10 asking / 10", "info")] * 2)
+    # each protect measurement's parts, and beside the target their ratios, from the results
+    assert all(set(r["extra"]["parts_p50_ms"]) == {"detect", "defend", "commit"}
+               and all(ms > 0 for ms in r["extra"]["parts_p50_ms"].values()) for r in protect.values())
+    parts = [r for r in data["ratios"] if r["target"] == "protect part with 200 / 10 clients"]
+    assert len(parts) == 6 and all(r["bound"] == "info" for r in parts)
+    detect = next(r for r in parts if r["subject"].startswith("fashion-encoder detect sqlite"))
+    assert abs(detect["value"] - protect["sqlite", "protect", 200]["extra"]["parts_p50_ms"]["detect"]
+               / protect["sqlite", "protect", 10]["extra"]["parts_p50_ms"]["detect"]) < 1e-9
     active = next(r for r in clients_ratios if "asking" in r["target"] and r["subject"].endswith("sqlite"))
     assert abs(active["value"] - protect["sqlite", "protect[active]", 200]["p50_ms"]
                / protect["sqlite", "protect", 10]["p50_ms"]) < 1e-9
