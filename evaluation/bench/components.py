@@ -211,23 +211,17 @@ def populate(protection: ModelProtection, draw: Callable[[int], QueryBatch], cli
 
     for i in tqdm(range(start, clients), desc=f"clients {start}->{clients}", unit="client", mininterval=2.0,
                   leave=False, disable=clients - start < 10_000):
-        protect(protection, Client(f"c{i}"), draw(queries))
-
-
-def protect(protection: ModelProtection, client: Client, batch: QueryBatch) -> Any:
-    """The protect stage as the gateway runs it: in one store transaction where the store has them."""
-    with getattr(protection._store, "transaction", nullcontext)():
-        return protection.protect(client, batch)
+        timed_protect(protection, Client(f"c{i}"), draw(queries))
 
 
 PARTS = ("detect", "defend", "commit")  # a protect call's parts, timed apart (see timed_protect)
 
 
 def timed_protect(protection: ModelProtection, client: Client, batch: QueryBatch) -> np.ndarray:
-    """:func:`protect`, timed in its parts: seconds float64 [3] of the detectors and policy
-    (``observe``), the defenses and watermark with the evidence they keep (``defend``,
+    """The protect stage as the gateway runs it (``ModelProtection.protect``'s steps, in one store
+    transaction where the store has them), timed in its parts: seconds float64 [3] of the detectors
+    and policy (``observe``), the defenses and watermark with the evidence they keep (``defend``,
     ``keep_evidence``), and the store transaction's end (the write-back flush and COMMIT)."""
-    parts = np.empty(len(PARTS))
     transaction = getattr(protection._store, "transaction", nullcontext)()
     started = time.perf_counter()
     with transaction:
@@ -237,8 +231,7 @@ def timed_protect(protection: ModelProtection, client: Client, batch: QueryBatch
         if marked is not None:
             protection.keep_evidence(client, marked)
         defended = time.perf_counter()
-    parts[:] = (detected - started, defended - detected, time.perf_counter() - defended)
-    return parts
+    return np.array([detected - started, defended - detected, time.perf_counter() - defended])
 
 
 def time_protect(protection: ModelProtection, draw: Callable[[int], QueryBatch], clients: int, calls: int,
