@@ -312,8 +312,7 @@ class ModelProtection:
         for name, verdict in verdicts.items():
             fields[f"alert:{name}"] = 1.0 if verdict.alert else 0.0
             fields.update({f"{name}.{figure}": value for figure, value in verdict.figures.items()})
-        self._store.incr(key, {"queries": len(batch.outputs)})
-        self._store.set_fields(key, fields)
+        self._store.update_fields(key, fields, {"queries": len(batch.outputs)})  # one round trip, not two
         self._raise_alerts(client, previous, status, verdicts)
         return str(previous.get("status", "ok")), status
 

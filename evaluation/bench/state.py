@@ -39,6 +39,8 @@ def _ops(store: StateStore, rng: np.random.Generator) -> dict[str, Callable[[int
         "incr": lambda i: store.incr(f"ops/c{i % 100}/status", {"queries": 1}),
         "set_fields": lambda i: store.set_fields(f"ops/c{i % 100}/status",
                                                  {"status": "ok", "suspicion": 0.1, "coverage.coverage": 3.0}),
+        "update_fields": lambda i: store.update_fields(f"ops/c{i % 100}/status",
+                                                       {"status": "ok", "suspicion": 0.1}, {"queries": 1}),
         "push_rows": lambda i: store.push_rows(f"ops/c{i % 100}/rows", rows, 1000),
         "get_rows": lambda i: store.get_rows(f"ops/c{i % 100}/rows", 64),
     }

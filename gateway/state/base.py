@@ -76,6 +76,13 @@ class StateStore(Protocol):
         """All fields of a hash; numbers come back as float, text as str; empty when absent."""
         ...
 
+    def update_fields(self, key: str, put: Mapping[str, float | str], add: Mapping[str, float]) -> dict[str, float]:
+        """Overwrite ``put``'s fields (as :meth:`set_fields`) and add ``add``'s amounts to their
+        numeric fields (as :meth:`incr`) in one operation: one round trip to a remote store, where
+        the two calls were two. Returns the added fields' new values. ``ValueError``, with nothing
+        written, when a field is in both or an added-to field holds text."""
+        ...
+
     def push_rows(self, key: str, rows: np.ndarray, max_rows: int) -> int:
         """Append float32 rows [n, d] (d fixed per key), keep the newest ``max_rows``; return the count."""
         ...
@@ -104,6 +111,21 @@ class StateStore(Protocol):
 
 
 STATE_STORES: Registry[StateStore] = Registry("state store")
+
+
+def field_values(key: str, put: Mapping[str, float | str], add: Mapping[str, float] | None = None) -> dict[str, float | str]:
+    """``put`` as a hash stores it (text stays ``str``, anything else becomes a float), checked
+    before any write: ``ValueError`` names a value that is neither, or a field also in ``add``."""
+    both = sorted(set(put) & set(add or ()))
+    if both:
+        raise ValueError(f"field {both[0]!r} of {key!r} is both set and added to in one update")
+    values: dict[str, float | str] = {}
+    for name, value in put.items():
+        try:
+            values[name] = value if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"field {name!r} of {key!r}: {value!r} is neither text nor a number") from None
+    return values
 _STORE_MODULES = {
     "memory": "gateway.state.memory",
     "sqlite": "gateway.state.sqlite",

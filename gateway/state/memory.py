@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from gateway.params import ConfigError
-from gateway.state.base import STATE_STORES, newest_rows, packed_with_bits, segment_counts
+from gateway.state.base import STATE_STORES, field_values, newest_rows, packed_with_bits, segment_counts
 
 
 class MemoryStore:
@@ -52,10 +52,20 @@ class MemoryStore:
             return {name: float(stored[name]) for name in fields}
 
     def set_fields(self, key: str, fields: Mapping[str, float | str]) -> None:
+        values = field_values(key, fields)
         with self._lock:
-            self._hashes.setdefault(key, {}).update(
-                {k: (v if isinstance(v, str) else float(v)) for k, v in fields.items()}
-            )
+            self._hashes.setdefault(key, {}).update(values)
+
+    def update_fields(self, key: str, put: Mapping[str, float | str], add: Mapping[str, float]) -> dict[str, float]:
+        values = field_values(key, put, add)
+        with self._lock:
+            stored = self._hashes.get(key, {})
+            text = [name for name in add if isinstance(stored.get(name), str)]
+            if text:
+                raise ValueError(f"field {text[0]!r} of {key!r} holds text, not a number")
+            added = {name: float(stored.get(name, 0.0)) + float(amount) for name, amount in add.items()}
+            self._hashes[key] = {**stored, **values, **added}
+            return added
 
     def get_fields(self, key: str) -> dict[str, float | str]:
         with self._lock:

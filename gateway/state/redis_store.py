@@ -33,7 +33,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from gateway.params import ConfigError, ParamError, check_keys, number
-from gateway.state.base import STATE_STORES, rows_from_blobs
+from gateway.state.base import STATE_STORES, field_values, rows_from_blobs
 
 _KINDS = ("bm", "h", "rows", "rec")  # what delete() counts; "seq" counters are kept
 _TEXT = "s:"  # marks a text field; numbers are stored bare so HINCRBYFLOAT works on them
@@ -62,6 +62,20 @@ for i = 3, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
 return redis.call('LLEN', KEYS[1])
 """
+
+# KEYS[1] hash; ARGV[1] the number n of fields to add to, ARGV[2..n+1] their names, ARGV[n+2..2n+1]
+# the amounts, then name/value pairs to set. A text field to add to fails before anything is written.
+_UPDATE_FIELDS = """
+local n = tonumber(ARGV[1])
+for i = 2, n + 1 do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if v and string.sub(v, 1, %d) == '%s' then return redis.error_reply('TEXT ' .. ARGV[i]) end
+end
+local added = {}
+for i = 2, n + 1 do added[#added + 1] = redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + n]) end
+if #ARGV > 2 * n + 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2 * n + 2)) end
+return added
+""" % (len(_TEXT), _TEXT)
 
 # KEYS[1] records, KEYS[2] id counter; ARGV[1] json, ARGV[2] max records (-1: unbounded).
 # The member carries the id so that two identical records stay two members.
@@ -105,6 +119,7 @@ class RedisStore:
         self._set_bits = self._client.register_script(_SET_BITS)
         self._push_rows = self._client.register_script(_PUSH_ROWS)
         self._append = self._client.register_script(_APPEND)
+        self._update_fields = self._client.register_script(_UPDATE_FIELDS)
 
     def _key(self, key: str, kind: str) -> str:
         return f"{self.prefix}{key}#{kind}"
@@ -162,10 +177,26 @@ class RedisStore:
         """Overwrite fields; ``str`` values are stored as text, anything else as a float."""
         if not fields:
             return
-        mapping = {name: _TEXT + value if isinstance(value, str) else repr(float(value))
-                   for name, value in fields.items()}
         with self._calling():
-            self._client.hset(self._key(key, "h"), mapping=mapping)
+            self._client.hset(self._key(key, "h"), mapping=_stored(field_values(key, fields)))
+
+    def update_fields(self, key: str, put: Mapping[str, float | str], add: Mapping[str, float]) -> dict[str, float]:
+        """:meth:`set_fields` of ``put`` and :meth:`incr` of ``add`` in one Lua script: one round
+        trip, atomic, and nothing written when an added-to field holds text."""
+        stored = _stored(field_values(key, put, add))
+        if not add and not stored:
+            return {}
+        pairs = [part for pair in stored.items() for part in pair]
+        args = [len(add), *add, *(float(amount) for amount in add.values()), *pairs]
+        with self._calling():
+            try:
+                values = self._update_fields(keys=[self._key(key, "h")], args=args)
+            except redis.ResponseError as exc:
+                if str(exc).startswith("TEXT "):
+                    name = str(exc).removeprefix("TEXT ")
+                    raise ValueError(f"field {name!r} of {key!r} holds text, not a number") from None
+                raise ValueError(f"cannot update the fields of {key!r}: {exc}") from exc
+        return {name: float(value) for name, value in zip(add, values, strict=True)}
 
     def get_fields(self, key: str) -> dict[str, float | str]:
         """All fields: numbers as float, text as str; empty when absent."""
@@ -247,6 +278,12 @@ class RedisStore:
         """Close the client and its connection pool."""
         self._client.close()
         self._client.connection_pool.disconnect()
+
+
+def _stored(values: Mapping[str, float | str]) -> dict[str, str]:
+    """Hash values as Redis keeps them: text behind the ``_TEXT`` marker, numbers bare (so that
+    HINCRBYFLOAT works on them)."""
+    return {name: _TEXT + value if isinstance(value, str) else repr(value) for name, value in values.items()}
 
 
 def _check_segments(total_bits: int, segment_bits: int) -> None:

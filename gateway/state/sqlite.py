@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from gateway.params import ConfigError, ParamError, check_keys, number
-from gateway.state.base import STATE_STORES, rows_from_blobs
+from gateway.state.base import STATE_STORES, field_values, rows_from_blobs
 from gateway.state.bitsets import add_bits, bit_counts
 from gateway.state.sqlite_cache import UPSERT_BITMAP, TransactionCache, bitmap_row, load_bitmap, trim_windows
 
@@ -271,15 +271,30 @@ class SqliteStore:
 
     def set_fields(self, key: str, fields: Mapping[str, float | str]) -> None:
         """Overwrite fields; ``str`` values are stored as text, anything else as a float."""
+        fields = field_values(key, fields)
         if (cache := self._cached()) is not None:
             cache.set_fields(self._conn(), key, fields)
             return
-        values = [(key, name, None, value) if isinstance(value, str) else (key, name, float(value), None)
+        values = [(key, name, None, value) if isinstance(value, str) else (key, name, value, None)
                   for name, value in fields.items()]
         with self._write() as conn:
             conn.executemany("INSERT INTO hashes (key, field, num, text) VALUES (?, ?, ?, ?) "
                              "ON CONFLICT (key, field) DO UPDATE SET num = excluded.num, text = excluded.text",
                              values)
+
+    def update_fields(self, key: str, put: Mapping[str, float | str], add: Mapping[str, float]) -> dict[str, float]:
+        """:meth:`set_fields` of ``put`` and :meth:`incr` of ``add`` in one transaction (a savepoint
+        inside one): nothing written when either raises."""
+        values = field_values(key, put, add)
+        if (cache := self._cached()) is not None:
+            conn = self._conn()
+            added = cache.incr(conn, key, add)  # checks every field before it changes one
+            cache.set_fields(conn, key, values)  # checked already: cannot fail
+            return added
+        with self.transaction():
+            added = self.incr(key, add)
+            self.set_fields(key, values)
+        return added
 
     def get_fields(self, key: str) -> dict[str, float | str]:
         """All fields: numbers as float, text as str; empty when absent."""

@@ -176,7 +176,7 @@ class TransactionCache:
 
     def set_fields(self, conn: sqlite3.Connection, key: str, fields: Mapping[str, float | str]) -> None:
         stored = cast(dict, self._get(conn, "hash", key))
-        self._update(key, stored, {k: (v if isinstance(v, str) else float(v)) for k, v in fields.items()})
+        self._update(key, stored, dict(fields))  # as field_values made them: str or float
 
     def _update(self, key: str, stored: dict, values: dict) -> dict:
         # Only fields whose value changes are written back: most of a request's fields (status,

@@ -134,6 +134,31 @@ def test_hash_fields_keep_numbers_as_float_and_text_as_str(store: StateStore) ->
     assert store.incr("cnt/m/alice", {"queries": -1.5}) == {"queries": -1.5}
 
 
+def test_update_fields_sets_and_adds_in_one_call(store: StateStore) -> None:
+    store.set_fields("cnt/m/alice", {"queries": 2, "status": "ok"})
+    added = store.update_fields("cnt/m/alice", {"status": "flagged", "suspicion": 0.5}, {"queries": 3, "alerts": 1})
+    assert added == {"queries": 5.0, "alerts": 1.0}
+    assert store.get_fields("cnt/m/alice") == {"queries": 5.0, "alerts": 1.0, "status": "flagged", "suspicion": 0.5}
+    assert store.update_fields("cnt/m/alice", {}, {}) == {}
+    assert store.update_fields("cnt/m/bob", {"status": "ok", "level": 2}, {}) == {}
+    assert store.get_fields("cnt/m/bob") == {"status": "ok", "level": 2.0}
+    assert store.update_fields("cnt/m/carol", {}, {"queries": -1.5}) == {"queries": -1.5}
+
+
+@pytest.mark.parametrize(("put", "add", "named"), [
+    ({"status": "blocked"}, {"status": 1}, "status"),  # set and added to at once
+    ({"suspicion": 0.9}, {"queries": 1, "note": 1}, "note"),  # adding to a text field
+    ({"suspicion": None}, {"queries": 1}, "suspicion"),  # neither text nor a number
+])
+def test_update_fields_rejects_bad_input_naming_the_field_and_writes_nothing(
+        store: StateStore, put: dict[str, Any], add: dict[str, float], named: str) -> None:
+    store.set_fields("cnt/m/alice", {"queries": 2, "note": "x", "status": "ok", "suspicion": 0.1})
+    before = store.get_fields("cnt/m/alice")
+    with pytest.raises(ValueError, match=repr(named)):
+        store.update_fields("cnt/m/alice", put, add)
+    assert store.get_fields("cnt/m/alice") == before
+
+
 def test_push_rows_keeps_the_newest_oldest_first(store: StateStore) -> None:
     empty = store.get_rows("emb/m/alice", 4)
     assert empty.shape == (0, 4) and empty.dtype == np.float32
@@ -228,6 +253,13 @@ def test_concurrent_increments_lose_no_update(store: StateStore) -> None:
     fields = store.get_fields("cnt/m/alice")
     assert fields.pop("n") == 2000.0
     assert fields == {f"t{t}": 250.0 for t in range(8)}
+
+
+def test_concurrent_updates_lose_no_increment(store: StateStore) -> None:
+    _in_threads(lambda t: [store.update_fields("cnt/m/alice", {f"last{t}": i}, {"n": 1}) for i in range(250)])
+    fields = store.get_fields("cnt/m/alice")
+    assert fields.pop("n") == 2000.0
+    assert fields == {f"last{t}": 249.0 for t in range(8)}
 
 
 def test_concurrent_disjoint_bits_are_all_counted(store: StateStore) -> None:

@@ -24,7 +24,7 @@ class Fail(Exception):
 
 def _plan_operation(rng: np.random.Generator, key: str):
     """One random operation on ``key`` as a function of the store; it returns what it read."""
-    kind = int(rng.integers(11))
+    kind = int(rng.integers(12))
     if kind == 0:
         positions = rng.integers(0, TOTAL, 3)
         return lambda s: s.set_bits(key + "/bits", positions, TOTAL, SEG).tolist()
@@ -50,6 +50,10 @@ def _plan_operation(rng: np.random.Generator, key: str):
         return lambda s: s.append_record(key + "/stream", {"v": value}, max_records=4)
     if kind == 9:
         return lambda s: s.read_records(key + "/stream")
+    if kind == 10:
+        put = {"status": str(rng.choice(["ok", "flagged"])), "w": float(rng.random())}
+        add = {f"f{int(rng.integers(3))}": float(rng.integers(1, 5))}
+        return lambda s: s.update_fields(key + "/hash", put, add)
     return lambda s: s.delete(key.rsplit("/", 1)[0] + "/") > 0
 
 
