@@ -312,7 +312,7 @@ class ModelProtection:
         for name, verdict in verdicts.items():
             fields[f"alert:{name}"] = 1.0 if verdict.alert else 0.0
             fields.update({f"{name}.{figure}": value for figure, value in verdict.figures.items()})
-        self._store.update_fields(key, fields, {"queries": len(batch.outputs)})  # one round trip, not two
+        self._store.update_fields(key, fields, {"queries": len(batch.outputs)})  # one round trip
         self._raise_alerts(client, previous, status, verdicts)
         return str(previous.get("status", "ok")), status
 

@@ -113,7 +113,8 @@ class StateStore(Protocol):
 STATE_STORES: Registry[StateStore] = Registry("state store")
 
 
-def field_values(key: str, put: Mapping[str, float | str], add: Mapping[str, float] | None = None) -> dict[str, float | str]:
+def field_values(key: str, put: Mapping[str, float | str],
+                 add: Mapping[str, float] | None = None) -> dict[str, float | str]:
     """``put`` as a hash stores it (text stays ``str``, anything else becomes a float), checked
     before any write: ``ValueError`` names a value that is neither, or a field also in ``add``."""
     both = sorted(set(put) & set(add or ()))

@@ -1,8 +1,9 @@
 """The ``redis`` state store: state shared by every gateway replica that points at one Redis.
 
 Each contract method is one round trip: a Lua script where a read must decide a write (bitmap
-padding, row width, record ids) and a MULTI/EXEC pipeline otherwise, so concurrent replicas lose
-no update. :meth:`RedisStore.delete` is the exception: it walks the keyspace with SCAN.
+padding, row width, record ids, a text field in an update) and a MULTI/EXEC pipeline otherwise,
+so concurrent replicas lose no update. :meth:`RedisStore.delete` is the exception: it walks the
+keyspace with SCAN.
 
 Key layout: ``<prefix><key>#<kind>`` with kind ``bm`` (bitmap string), ``h`` (hash), ``rows``
 (list of float32 row bytes), ``rec`` (sorted set of records, score = id) and ``seq`` (a stream's

@@ -136,7 +136,8 @@ def test_hash_fields_keep_numbers_as_float_and_text_as_str(store: StateStore) ->
 
 def test_update_fields_sets_and_adds_in_one_call(store: StateStore) -> None:
     store.set_fields("cnt/m/alice", {"queries": 2, "status": "ok"})
-    added = store.update_fields("cnt/m/alice", {"status": "flagged", "suspicion": 0.5}, {"queries": 3, "alerts": 1})
+    added = store.update_fields("cnt/m/alice", {"status": "flagged", "suspicion": 0.5},
+                                {"queries": 3, "alerts": 1})
     assert added == {"queries": 5.0, "alerts": 1.0}
     assert store.get_fields("cnt/m/alice") == {"queries": 5.0, "alerts": 1.0, "status": "flagged", "suspicion": 0.5}
     assert store.update_fields("cnt/m/alice", {}, {}) == {}
@@ -256,7 +257,8 @@ def test_concurrent_increments_lose_no_update(store: StateStore) -> None:
 
 
 def test_concurrent_updates_lose_no_increment(store: StateStore) -> None:
-    _in_threads(lambda t: [store.update_fields("cnt/m/alice", {f"last{t}": i}, {"n": 1}) for i in range(250)])
+    _in_threads(lambda t: [store.update_fields("cnt/m/alice", {f"last{t}": i}, {"n": 1})
+                           for i in range(250)])
     fields = store.get_fields("cnt/m/alice")
     assert fields.pop("n") == 2000.0
     assert fields == {f"last{t}": 249.0 for t in range(8)}
