@@ -111,22 +111,6 @@ class StateStore(Protocol):
 
 
 STATE_STORES: Registry[StateStore] = Registry("state store")
-
-
-def field_values(key: str, put: Mapping[str, float | str],
-                 add: Mapping[str, float] | None = None) -> dict[str, float | str]:
-    """``put`` as a hash stores it (text stays ``str``, anything else becomes a float), checked
-    before any write: ``ValueError`` names a value that is neither, or a field also in ``add``."""
-    both = sorted(set(put) & set(add or ()))
-    if both:
-        raise ValueError(f"field {both[0]!r} of {key!r} is both set and added to in one update")
-    values: dict[str, float | str] = {}
-    for name, value in put.items():
-        try:
-            values[name] = value if isinstance(value, str) else float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"field {name!r} of {key!r}: {value!r} is neither text nor a number") from None
-    return values
 _STORE_MODULES = {
     "memory": "gateway.state.memory",
     "sqlite": "gateway.state.sqlite",
@@ -145,6 +129,22 @@ def create_store(name: str, params: Mapping[str, Any], where: str = "state") -> 
         valid = ", ".join(sorted(set(STATE_STORES.names()) | set(_STORE_MODULES)))
         raise ConfigError(f"{where}.name", f"unknown state store {name!r}; valid: {valid}") from None
     return factory(params, f"{where}.params")
+
+
+def field_values(key: str, put: Mapping[str, float | str],
+                 add: Mapping[str, float] | None = None) -> dict[str, float | str]:
+    """``put`` as a hash stores it (text stays ``str``, anything else becomes a float), checked
+    before any write: ``ValueError`` names a value that is neither, or a field also in ``add``."""
+    both = sorted(set(put) & set(add or ()))
+    if both:
+        raise ValueError(f"field {both[0]!r} of {key!r} is both set and added to in one update")
+    values: dict[str, float | str] = {}
+    for name, value in put.items():
+        try:
+            values[name] = value if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"field {name!r} of {key!r}: {value!r} is neither text nor a number") from None
+    return values
 
 
 def segment_counts(bits: np.ndarray, segment_bits: int) -> np.ndarray:

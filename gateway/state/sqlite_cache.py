@@ -172,13 +172,15 @@ class TransactionCache:
         for name in fields:
             if isinstance(stored.get(name), str):
                 raise ValueError(f"field {name!r} of {key!r} holds text, not a number")
-        return self._update(key, stored, {n: float(stored.get(n, 0.0)) + float(a) for n, a in fields.items()})
+        values = {n: float(stored.get(n, 0.0)) + float(a) for n, a in fields.items()}
+        self._update(key, stored, values)
+        return values
 
     def set_fields(self, conn: sqlite3.Connection, key: str, fields: Mapping[str, float | str]) -> None:
         stored = cast(dict, self._get(conn, "hash", key))
-        self._update(key, stored, dict(fields))  # as field_values made them: str or float
+        self._update(key, stored, fields)  # as field_values made them: str or float
 
-    def _update(self, key: str, stored: dict, values: dict) -> dict:
+    def _update(self, key: str, stored: dict, values: Mapping[str, Any]) -> None:
         # Only fields whose value changes are written back: most of a request's fields (status,
         # alert flags, figures between tests) stay as they were, and each written field is a
         # B-tree update at commit.
@@ -191,7 +193,6 @@ class TransactionCache:
             self._bytes += 64 * added
             dirty = self._dirty.get(slot)
             self._dirty[slot] = (dirty if isinstance(dirty, set) else set()) | set(changed)
-        return values
 
     def get_fields(self, conn: sqlite3.Connection, key: str) -> dict[str, float | str]:
         return dict(self._get(conn, "hash", key))  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from evaluation.bench.components import demo_batches, demo_protection
 from gateway.auth import Client
+from gateway.protection import CLIENT_LOCKS
 from gateway.state.base import create_store
 
 
@@ -48,11 +49,9 @@ def test_evicted_standing_is_read_back_from_the_store(monkeypatch) -> None:
 
 
 def test_detection_locks_stay_bounded_however_many_clients_ask() -> None:
-    import gateway.protection
-
     protection = demo_protection("fashion-encoder", create_store("memory", {}))
     batch = demo_batches("fashion-encoder", seed=0)
-    for i in range(3 * gateway.protection.CLIENT_LOCKS):
+    for i in range(3 * CLIENT_LOCKS):
         protection.observe(Client(f"c{i}"), batch(1))
     # One lock per client ever seen grew without bound; clients now share a fixed set.
-    assert len(protection._locks) == gateway.protection.CLIENT_LOCKS
+    assert len(protection._locks) == CLIENT_LOCKS
