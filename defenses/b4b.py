@@ -22,7 +22,7 @@ import hmac
 import math
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,13 +32,21 @@ from defenses.base import DEFENSES, DefenseContext
 from detectors.base import ModelKind
 from gateway.params import ParamError, check_keys, choice, number
 
-__all__ = ["B4B", "TRANSFORMS", "ClientTransform"]
+__all__ = ["B4B", "TRANSFORMS", "ClientTransform", "client_bytes"]
 
 TRANSFORMS = ("affine+shuffle", "affine", "shuffle", "none")
 #: Smallest |scale| of the affine map: keeps it well-conditioned, so a client's own linear probe
 #: (and the inverse map, for the owner) stays numerically sound.
 _MIN_SCALE = 0.1
-TRANSFORM_CACHE = 4096  # clients whose transforms are kept derived (each ~4 KB for 128 dims)
+#: Default bound (MB) of the clients' derived transforms and noise keys kept (``cache_mb``): as the
+#: SQLite store's write-back cache, so that the clients whose state is cached have theirs too. A
+#: client not kept re-derives them, ~15 µs (~40 µs in the gateway with cold caches: most of what a
+#: client not seen lately paid over a hot one, ``moat bench``'s detectors scenario).
+DEFAULT_CACHE_MB = 256
+#: Bytes a kept client costs beyond its arrays (RSS measured over 100,000 clients: 1.9 KB a client at
+#: 128 dims, 11.9 KB at 1,024, against 2.2 and 11.2 KB estimated; see
+#: :func:`client_bytes`).
+_CLIENT_OVERHEAD = 1000
 #: The coverage detector whose ``figures["coverage"]`` (percent) prices the noise.
 COVERAGE_DETECTOR = "coverage"
 
@@ -92,14 +100,18 @@ def _check_secret(secret: bytes) -> bytes:
     return bytes(secret)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClientTransform:
     """One client's map of the answer space onto itself: ``y = (x ⊙ scale + shift)[:, perm]``.
 
+    Kept compact, for a gateway keeps one per active client (float64 and int64 arrays took 3.6 KB
+    a client at 128 dims; these, 1.2 KB).
+
     Attributes:
-        scale: float64 [D] with ``_MIN_SCALE <= |scale| <= 1``, or None (no affine part).
-        shift: float64 [D] in [-1, 1), or None.
-        perm: int64 [D], a permutation of the D dimensions, or None (no shuffle).
+        scale: float32 [D] with ``_MIN_SCALE <= |scale| <= 1``, or None (no affine part).
+        shift: float32 [D] in [-1, 1), or None.
+        perm: unsigned integers [D] (the smallest dtype that holds D - 1), a permutation of the D
+            dimensions, or None (no shuffle).
     """
 
     scale: np.ndarray | None
@@ -107,7 +119,8 @@ class ClientTransform:
     perm: np.ndarray | None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Map float64 rows [B, D] into the client's space (float64 [B, D])."""
+        """Map float64 rows [B, D] into the client's space (float64 [B, D]: the float32 scale and
+        shift are exact in float64)."""
         if self.scale is not None and self.shift is not None:
             x = x * self.scale + self.shift
         if self.perm is not None:
@@ -126,6 +139,8 @@ class B4B:
             (well-conditioned); ``shuffle`` is a keyed permutation of the d dimensions.
         alpha, beta, lam: the cost function's α (0.8), β (80) and λ (1e-6); ``0 < lam < alpha``.
         code_bits: bits of the LSH code that keys each row's noise (default 16, 1..64).
+        cache_mb: bound of the derived transforms and noise keys kept (default 256; ~1.6 KB a
+            client at 128 dims, :func:`client_bytes`; 0 derives them on every request).
 
     Deviations from the paper: its pad-and-shuffle appends d fixed N(0, 1) values before shuffling,
     which would double the declared output shape; here the shuffle permutes the d dimensions only.
@@ -138,7 +153,7 @@ class B4B:
     name = "b4b"
 
     def __init__(self, params: Mapping[str, Any], *, kind: ModelKind, secret: bytes) -> None:
-        check_keys(params, ("transform", "alpha", "beta", "lam", "code_bits"))
+        check_keys(params, ("transform", "alpha", "beta", "lam", "code_bits", "cache_mb"))
         if kind != "encoder":
             raise ParamError("name", f"b4b protects encoders only, not a {kind}")
         self.transform: str = choice(params, "transform", "affine+shuffle", TRANSFORMS)
@@ -151,8 +166,8 @@ class B4B:
         self._secret = _check_secret(secret)
         self._rate = math.log(self.alpha / self.lam) / self.beta
         self._planes: dict[int, np.ndarray] = {}  # dim -> hyperplanes; a constant derived from the secret
-        self._transforms = functools.lru_cache(maxsize=TRANSFORM_CACHE)(self._derive_transform)
-        self._noise_keys = functools.lru_cache(maxsize=TRANSFORM_CACHE)(self._noise_key)
+        self.cache_bytes = int(number(params, "cache_mb", DEFAULT_CACHE_MB, low=0, high=1 << 20) * 2**20)
+        self._clients: dict[int, Callable[[str], _Client]] = {}  # dim -> its clients' cache
 
     def sigma(self, coverage: float) -> float:
         """Noise standard deviation for ``coverage`` in percent: ``max(0, λ·(exp(ln(α/λ)·c/β) − 1))``.
@@ -164,20 +179,31 @@ class B4B:
         return max(0.0, self.lam * math.expm1(self._rate * c))
 
     def client_transform(self, client: str, dim: int) -> ClientTransform:
-        """``client``'s keyed transform of a ``dim``-wide answer (deterministic in secret, client, dim).
-        Cached per (client, dim): deriving it costs an HMAC and two draws, ~18 µs."""
-        return self._transforms(client, dim)
+        """``client``'s keyed transform of a ``dim``-wide answer (deterministic in secret, client, dim);
+        kept for the last ``cache_mb`` worth of clients (see :meth:`_client`)."""
+        return self._client(client, dim).transform
+
+    def _client(self, client: str, dim: int) -> _Client:
+        """What ``client`` needs for ``dim``-wide answers, derived or kept: the least recently used
+        clients are dropped beyond ``cache_mb`` (:func:`client_bytes` each)."""
+        cached = self._clients.get(dim)
+        if cached is None:
+            size = self.cache_bytes // client_bytes(dim)
+            cached = self._clients.setdefault(dim, functools.lru_cache(maxsize=size)(
+                functools.partial(self._derive_client, dim=dim)))
+        return cached(client)
+
+    def _derive_client(self, client: str, dim: int) -> _Client:
+        return _Client(self._derive_transform(client, dim), self._noise_key(client))
 
     def _derive_transform(self, client: str, dim: int) -> ClientTransform:
         rng = _keyed_generator(_keyed_digest(self._secret, b"b4b/transform", client.encode(), str(dim).encode()))
-        # Always draw all three so that switching `transform` never changes the other parts; one
-        # draw of 3·dim uniforms, as a generator built per client (SeedSequence, ~10 µs) and four
-        # draws cost ~40 µs for each client not among the last TRANSFORM_CACHE seen.
+        # Always draw all three so that switching `transform` never changes the other parts.
         magnitude, sign, shift = rng.random((3, dim))
         magnitude = _MIN_SCALE + (1.0 - _MIN_SCALE) * magnitude
-        scale = np.where(sign < 0.5, -magnitude, magnitude)
-        shift = 2.0 * shift - 1.0
-        perm = rng.permutation(dim)
+        scale = np.where(sign < 0.5, -magnitude, magnitude).astype(np.float32)
+        shift = (2.0 * shift - 1.0).astype(np.float32)
+        perm = rng.permutation(dim).astype(np.min_scalar_type(max(dim - 1, 0)))
         affine = self.transform in ("affine", "affine+shuffle")
         shuffle = self.transform in ("shuffle", "affine+shuffle")
         return ClientTransform(scale if affine else None, shift if affine else None, perm if shuffle else None)
@@ -198,25 +224,18 @@ class B4B:
         normal vector keyed by HMAC(secret, client, code_i), so rows sharing a code share the noise."""
         x = np.asarray(outputs)
         codes = self.codes(x)
+        key = self._client(client, x.shape[1]).noise_key
         if len(codes) == 1:  # most requests: one row, no grouping by code
-            return _keyed_normal(self._noise_seed(client, int(codes[0])), x.shape[1])[None]
+            return _keyed_normal(_noise_seed(key, int(codes[0])), x.shape[1])[None]
         out = np.empty(x.shape, dtype=np.float64)
         for code in np.unique(codes):
-            out[codes == code] = _keyed_normal(self._noise_seed(client, int(code)), x.shape[1])
+            out[codes == code] = _keyed_normal(_noise_seed(key, int(code)), x.shape[1])
         return out
 
-    def _noise_seed(self, client: str, code: int) -> bytes:
-        """HMAC(secret, [b"b4b/noise", client, code]) (as :func:`_keyed_digest`), continued from the
-        client's cached HMAC state over the first two parts."""
-        keyed = self._noise_keys(client).copy()
-        keyed.update(_framed(code.to_bytes(8, "big")))
-        return keyed.digest()
-
-    def _noise_key(self, client: str) -> hmac.HMAC:
-        """The HMAC of the noise seeds of ``client`` after their common prefix (b"b4b/noise", client),
-        length-prefixed as :func:`_keyed_digest` does; copied, never updated, by its users."""
-        return hmac.new(self._secret, _framed(b"b4b/noise", client.encode()), hashlib.sha256)
-
+    def _noise_key(self, client: str) -> bytes:
+        """``client``'s noise key: HMAC(secret, [b"b4b/noise", client]) (as :func:`_keyed_digest`),
+        32 bytes that key the BLAKE2b of its rows' noise seeds (:func:`_noise_seed`)."""
+        return _keyed_digest(self._secret, b"b4b/noise", client.encode())
     def apply(self, outputs: np.ndarray, context: DefenseContext) -> np.ndarray:
         """Noisy, transformed answer: float32 [B, D] in, float32 [B, D] out (input left untouched)."""
         x = np.asarray(outputs)
@@ -226,7 +245,7 @@ class B4B:
         answer = x.astype(np.float64)
         if sigma > 0.0 and len(x):
             answer = answer + sigma * self.noise(x, context.client)
-        return self.client_transform(context.client, x.shape[1])(answer).astype(np.float32)
+        return self._client(context.client, x.shape[1]).transform(answer).astype(np.float32)
 
     def _hyperplanes(self, dim: int) -> np.ndarray:
         planes = self._planes.get(dim)
@@ -234,6 +253,29 @@ class B4B:
             rng = _rng(_keyed_digest(self._secret, b"b4b/lsh", str(dim).encode(), str(self.code_bits).encode()))
             planes = self._planes[dim] = rng.standard_normal((dim, self.code_bits))
         return planes
+
+
+@dataclass(frozen=True, slots=True)
+class _Client:
+    """What B4B derives for one client and ``dim``-wide answers, kept together: one cache lookup a
+    request for both."""
+
+    transform: ClientTransform
+    noise_key: bytes  # 32 bytes (see B4B._noise_key)
+
+
+def client_bytes(dim: int) -> int:
+    """Bytes one client's kept :class:`_Client` costs for ``dim``-wide answers: float32 scale and
+    shift, the permutation (1 byte an index up to 256 dims, 2 up to 65,536), and the objects."""
+    return dim * (8 + np.min_scalar_type(max(dim - 1, 0)).itemsize) + _CLIENT_OVERHEAD
+
+
+def _noise_seed(key: bytes, code: int) -> bytes:
+    """The noise seed of a row whose answer has LSH ``code``: BLAKE2b keyed by the client's noise
+    ``key`` over the code's 8 big-endian bytes, 32 bytes. A keyed BLAKE2b, not an HMAC, since a
+    client's key is kept as 32 bytes where an HMAC state held ~0.8 KB of OpenSSL contexts, and it
+    costs half as much a row."""
+    return hashlib.blake2b(code.to_bytes(8, "big"), key=key, digest_size=32).digest()
 
 
 def _coverage(context: DefenseContext) -> float:

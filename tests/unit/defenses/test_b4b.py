@@ -4,17 +4,16 @@ pool, and no loss for a legitimate user's own linear probe."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 import torch
-
-from concurrent.futures import ThreadPoolExecutor
-
 from scipy import stats
 
-from defenses.b4b import B4B, _keyed_digest
+from defenses.b4b import B4B, _framed, _noise_seed, client_bytes
 from defenses.base import DefenseContext, create_defense
 from detectors.base import QueryBatch, Verdict
 from evaluation.data import load_fashion_mnist
@@ -135,6 +134,45 @@ def test_codes_are_the_sum_of_the_hyperplane_signs_bits(code_bits: int) -> None:
     assert [int(c) for c in defense.codes(x)] == expected
 
 
+def test_kept_clients_get_what_derived_ones_get_and_the_cache_keeps_its_bound() -> None:
+    """A client whose transform and noise key are kept answers exactly as one derived afresh
+    (``cache_mb: 0`` keeps none), also after being dropped and derived again; the cache holds no
+    more clients than ``cache_mb`` allows by :func:`client_bytes` and, with room, keeps them all."""
+    rng = np.random.default_rng(3)
+    images = np.zeros((4, 1, 28, 28), np.float32)
+    kept = create_defense("b4b", {"cache_mb": 1}, kind="encoder", secret=SECRET)
+    fresh = create_defense("b4b", {"cache_mb": 0}, kind="encoder", secret=SECRET)
+    room = (1 << 20) // client_bytes(128)
+    clients = [f"client-{i}" for i in range(room + 50)]
+    for client in clients + clients[:3]:  # the first three were dropped by then: derived again
+        clean = rng.standard_normal((4, 128)).astype(np.float32)
+        np.testing.assert_array_equal(_answer(kept, client, images, clean, 60.0),
+                                      _answer(fresh, client, images, clean, 60.0))
+    assert kept._clients[128].cache_info().currsize == room
+    assert fresh._clients[128].cache_info().currsize == 0
+    roomy = create_defense("b4b", {}, kind="encoder", secret=SECRET)
+    for client in clients:
+        roomy.client_transform(client, 128)
+    info = roomy._clients[128].cache_info()
+    assert (info.currsize, info.misses) == (len(clients), len(clients))
+    for client in clients:
+        roomy.client_transform(client, 128)
+    assert roomy._clients[128].cache_info().misses == len(clients)  # all kept: none derived again
+
+
+def test_transform_is_compact_and_exactly_inverted() -> None:
+    """The kept transform is float32 scale and shift and a uint8 permutation (128 dims), and the
+    owner inverts it exactly in float64: x = (y[:, argsort(perm)] - shift) / scale."""
+    transform = create_defense("b4b", {}, kind="encoder", secret=SECRET).client_transform("alice", 128)
+    assert transform.scale.dtype == transform.shift.dtype == np.float32 and transform.perm.dtype == np.uint8
+    assert sorted(transform.perm.tolist()) == list(range(128))
+    assert (np.abs(transform.scale) >= 0.1).all() and (np.abs(transform.scale) <= 1).all()
+    x = np.random.default_rng(4).standard_normal((6, 128))
+    y = transform(x)
+    back = (y[:, np.argsort(transform.perm)] - transform.shift) / transform.scale
+    np.testing.assert_allclose(back, x, rtol=0, atol=1e-12)
+
+
 def test_one_row_gets_the_noise_it_gets_in_a_batch() -> None:
     defense = create_defense("b4b", {}, kind="encoder", secret=b"s" * 32)
     x = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
@@ -143,14 +181,16 @@ def test_one_row_gets_the_noise_it_gets_in_a_batch() -> None:
         np.testing.assert_array_equal(defense.noise(x[i:i + 1], "alice"), together[i:i + 1])
 
 
-def test_noise_seeds_are_the_hmac_of_secret_client_and_code() -> None:
-    """The cached per-client HMAC state continues to the digest of the whole length-prefixed
-    message, for clients of any length and codes of any width."""
-    defense = create_defense("b4b", {}, kind="encoder", secret=SECRET)
-    for client in ("a", "alice", "x" * 300):
-        for code in (0, 1, 0xBEEF, 2**64 - 1):
-            assert defense._noise_seed(client, code) == _keyed_digest(
-                SECRET, b"b4b/noise", client.encode(), code.to_bytes(8, "big"))
+def test_noise_seeds_are_blake2b_keyed_by_the_hmac_of_secret_and_client() -> None:
+    """A row's noise seed is BLAKE2b, keyed by HMAC(secret, [b"b4b/noise", client]), of its code:
+    for clients of any length and codes of any width, whether the client's key was kept or not."""
+    for cache_mb in (0, 1):
+        defense = create_defense("b4b", {"cache_mb": cache_mb}, kind="encoder", secret=SECRET)
+        for client in ("a", "alice", "x" * 300):
+            key = hmac.new(SECRET, _framed(b"b4b/noise", client.encode()), hashlib.sha256).digest()
+            for code in (0, 1, 0xBEEF, 2**64 - 1):
+                expected = hashlib.blake2b(code.to_bytes(8, "big"), key=key, digest_size=32).digest()
+                assert _noise_seed(defense._client(client, 16).noise_key, code) == expected
 
 
 def test_noise_is_standard_normal_and_per_thread_streams_do_not_mix() -> None:

@@ -41,6 +41,8 @@ BAD_PARAMS: list[tuple[str, dict[str, Any], str]] = [
     ("b4b", {"code_bits": 65}, "code_bits"),
     ("b4b", {"code_bits": 8.5}, "code_bits"),
     ("b4b", {"sigma": 0.1}, "sigma"),
+    ("b4b", {"cache_mb": -1}, "cache_mb"),
+    ("b4b", {"cache_mb": "64"}, "cache_mb"),
     ("reverse_sigmoid", {"beta": 0}, "beta"),
     ("reverse_sigmoid", {"gamma": "0.1"}, "gamma"),
     ("reverse_sigmoid", {"when": "sometimes"}, "when"),
