@@ -145,16 +145,16 @@ def _overhead(workdir: Path, s: dict[str, Any], args: argparse.Namespace) -> tup
     return results, overhead_ratios(results)
 
 
-def _store_pair(name: str, workdir: Path, redis_url: str | None) -> tuple[Any, Any]:
+CLIENT_STORES = ("few", "many", "young")  # the stores of components.clients_results, by role
+
+
+def _client_stores(name: str, workdir: Path, redis_url: str | None) -> tuple[Any, Any, Any]:
     from gateway.state.base import create_store
 
-    if name == "memory":
-        return create_store("memory", {}), create_store("memory", {})
-    if name == "sqlite":
-        return (create_store("sqlite", {"path": str(workdir / "few.db")}),
-                create_store("sqlite", {"path": str(workdir / "many.db")}))
-    return (create_store("redis", {"url": redis_url, "prefix": "few:"}),
-            create_store("redis", {"url": redis_url, "prefix": "many:"}))
+    params = {"memory": lambda role: {}, "sqlite": lambda role: {"path": str(workdir / f"{role}.db")},
+              "redis": lambda role: {"url": redis_url, "prefix": f"{role}:"}}[name]
+    few, many, young = (create_store(name, params(role)) for role in CLIENT_STORES)
+    return few, many, young
 
 
 def _detectors(workdir: Path, s: dict[str, Any], args: argparse.Namespace) -> tuple[list, list]:
@@ -175,13 +175,13 @@ def _detectors(workdir: Path, s: dict[str, Any], args: argparse.Namespace) -> tu
             finally:
                 store.close()
         for name in args.client_stores:
-            few, many = _store_pair(name, workdir, redis_url)
+            stores = _client_stores(name, workdir, redis_url)
             try:
-                results += clients_results({name: (few, many)}, "fashion-encoder", s["clients"],
+                results += clients_results({name: stores}, "fashion-encoder", s["clients"],
                                            calls=max(50, s["calls"] // 10), rounds=s["rounds"])
             finally:
-                few.close()
-                many.close()
+                for store in stores:
+                    store.close()
     return results, history_ratios(results, s["histories"]) + clients_ratios(results, s["clients"])
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from evaluation.bench.components import WARM_UP_CALLS, like_history
 from tests.servers.procs import REPO
 
 FIELDS = {"scenario", "model", "contender", "concurrency", "history", "clients", "p50_ms", "p99_ms",
@@ -45,14 +46,26 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
     detectors = {r["contender"] for r in results if r["scenario"] == "detectors"}
     assert {"prada", "coverage", "b4b[ok]", "b4b[flagged]", "misinformation[ok]", "misinformation[flagged]",
             "watermark:dawn[flagged]", "protect", "protect[active]"} <= detectors
-    # the 10-vs-many-clients measurement, and beside it the many-client store with as few asking
+    # the 10-vs-many-clients measurement on clients of like history, and beside it the many-client
+    # store with as few asking, and as many clients of one query each
     protect = {(r["store"], r["contender"], r["clients"]): r for r in results if r["contender"].startswith("protect")}
     assert set(protect) == {(s, c, n) for s in ("sqlite", "redis") for c, n in
-                            (("protect", 10), ("protect", 200), ("protect[active]", 200))}
+                            (("protect", 10), ("protect", 200), ("protect[active]", 200), ("protect[young]", 200))}
     assert all(protect[s, "protect[active]", 200]["extra"]["asking_clients"] == 10 for s in ("sqlite", "redis"))
+    # each result's askers' median history over the timing (quick: 2 rounds of 50 calls after the
+    # warm-up): the 200 populated with the 10's, then asked as the 200 are; the 10 of those 200
+    # asking, aged as the 10; the young populated with one query
+    grown = like_history((10, 200), calls=50, rounds=2)
+    by_10, by_200 = (WARM_UP_CALLS + 50) // 10, (WARM_UP_CALLS + 50) // 200
+    assert grown == 1 + by_10
+    assert {(c, n, r["history"]) for (_, c, n), r in protect.items()} == {
+        ("protect", 10, grown), ("protect", 200, grown + by_200), ("protect[active]", 200, grown + by_10),
+        ("protect[young]", 200, 1 + by_200)}
     clients_ratios = [r for r in data["ratios"] if r["target"].startswith("protect cost")]
     assert sorted((r["target"], r["bound"]) for r in clients_ratios) == sorted(
-        [("protect cost with 200 / 10 clients", "<= 1.2")] * 2 + [("protect cost with 200 stored, 10 asking / 10", "info")] * 2)
+        [("protect cost with 200 / 10 clients", "<= 1.2")] * 2
+        + [("protect cost with 200 stored, 10 asking / 10", "info")] * 2
+        + [("protect cost with 200 clients of 1 query / 10", "info")] * 2)
     # each protect measurement's parts, and beside the target their ratios, from the results
     assert all(set(r["extra"]["parts_p50_ms"]) == {"detect", "defend", "commit"}
                and all(ms > 0 for ms in r["extra"]["parts_p50_ms"].values()) for r in protect.values())
@@ -64,7 +77,7 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
     active = next(r for r in clients_ratios if "asking" in r["target"] and r["subject"].endswith("sqlite"))
     assert abs(active["value"] - protect["sqlite", "protect[active]", 200]["p50_ms"]
                / protect["sqlite", "protect", 10]["p50_ms"]) < 1e-9
-    assert {r["history"] for r in results if r["scenario"] == "detectors" and r["history"]} == {100, 1000}
+    assert {r["history"] for r in results if r["scenario"] == "detectors" and r["clients"] == 1} == {100, 1000}
     sizes = {r["store"]: r["bytes_per_client"] for r in results if r["bytes_per_client"] is not None}
     assert set(sizes) == {"sqlite", "redis"} and all(size > 0 for size in sizes.values())
     # the ratios in the file follow from its results
