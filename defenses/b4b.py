@@ -225,8 +225,11 @@ class B4B:
         normal vector keyed by (secret, client, code_i) (:func:`_noise_seed`), so rows sharing a code
         share the noise."""
         x = np.asarray(outputs)
+        return self._noise(x, self._client(client, x.shape[1]).noise_key)
+
+    def _noise(self, x: np.ndarray, key: bytes) -> np.ndarray:
+        """:meth:`noise` of rows ``x`` [B, D] for the client whose noise key is ``key``."""
         codes = self.codes(x)
-        key = self._client(client, x.shape[1]).noise_key
         if len(codes) == 1:  # most requests: one row, no grouping by code
             return _keyed_normal(_noise_seed(key, int(codes[0])), x.shape[1])[None]
         out = np.empty(x.shape, dtype=np.float64)
@@ -245,10 +248,11 @@ class B4B:
         if x.ndim != 2:
             raise ValueError(f"b4b expects answers [B, D], got shape {x.shape}")
         sigma = self.sigma(_coverage(context))
+        kept = self._client(context.client, x.shape[1])
         answer = x.astype(np.float64)
         if sigma > 0.0 and len(x):
-            answer = answer + sigma * self.noise(x, context.client)
-        return self._client(context.client, x.shape[1]).transform(answer).astype(np.float32)
+            answer = answer + sigma * self._noise(x, kept.noise_key)
+        return kept.transform(answer).astype(np.float32)
 
     def _hyperplanes(self, dim: int) -> np.ndarray:
         planes = self._planes.get(dim)

@@ -33,7 +33,7 @@ import numpy as np
 from defenses.base import DefenseContext
 from detectors.base import QueryBatch
 from evaluation.bench.detectors import classifier_batches
-from evaluation.bench.results import Result, find
+from evaluation.bench.results import Result, Sample, find, median_result
 from gateway.auth import Client
 from gateway.protection import ModelProtection
 from gateway.state.base import StateStore
@@ -280,8 +280,7 @@ def clients_results(stores: dict[str, tuple[StateStore, StateStore, StateStore]]
     Each result's ``history`` is its askers' median history over the timed calls."""
     results = []
     rng = np.random.default_rng(seed)
-    grown = like_history(counts, calls, rounds)
-    settled = WARM_UP_CALLS + rounds * calls // 2  # calls of a cell before its median timed call
+    grown, settled = like_history(counts, calls, rounds), _settled(calls, rounds)
     for store_name, (small, large, young) in stores.items():
         draw = honest_batches(model, seed)
         protections = (demo_protection(model, small), demo_protection(model, large), demo_protection(model, young))
@@ -309,24 +308,27 @@ def like_history(counts: tuple[int, int], calls: int, rounds: int) -> int:
     """Queries each of the ``counts[1]`` clients is populated with: the median history over the
     timing of the ``counts[0]`` clients, populated with one query, then asked
     :data:`WARM_UP_CALLS` times and ``calls`` times a round."""
-    return 1 + (WARM_UP_CALLS + rounds * calls // 2) // counts[0]
+    return 1 + _settled(calls, rounds) // counts[0]
+
+
+def _settled(calls: int, rounds: int) -> int:
+    """Calls a cell has made (warm-up and rounds) before its median timed call."""
+    return WARM_UP_CALLS + rounds * calls // 2
 
 
 def _protect_result(model: str, store_name: str, contender: str, stored: int, rounds_parts: list[np.ndarray],
                     asking: int | None, history: int) -> Result:
-    """Medians over rounds of the calls' p50, p99 and rate, and in ``extra.parts_p50_ms`` each
-    part's median (where a client nobody asked lately pays more: see the README)."""
-    seconds = [parts.sum(axis=1) for parts in rounds_parts]
-    parts_p50 = {name: float(np.median([np.median(p[:, k]) for p in rounds_parts]) * 1e3)
-                 for k, name in enumerate(PARTS)}
-    extra: dict[str, Any] = {"parts_p50_ms": parts_p50}
+    """Medians over rounds of the calls' p50, p99 and rate (:func:`median_result`, a round's wall
+    time being its calls' sum), and in ``extra.parts_p50_ms`` each part's median (where a client
+    nobody asked lately pays more: see the README)."""
+    result = median_result([Sample(parts.sum(axis=1), float(parts.sum())) for parts in rounds_parts],
+                           scenario="detectors", model=model, contender=contender, store=store_name, batch=1,
+                           history=history, clients=stored)
+    result.extra["parts_p50_ms"] = {name: float(np.median([np.median(p[:, k]) for p in rounds_parts]) * 1e3)
+                                    for k, name in enumerate(PARTS)}
     if asking is not None:
-        extra["asking_clients"] = asking
-    return Result(scenario="detectors", model=model, contender=contender, store=store_name, batch=1,
-                  history=history, clients=stored, p50_ms=float(np.median([np.median(s) for s in seconds]) * 1e3),
-                  p99_ms=float(np.median([np.percentile(s, 99) for s in seconds]) * 1e3),
-                  throughput_rps=float(np.median([len(s) / s.sum() for s in seconds])),
-                  rounds=len(rounds_parts), extra=extra)
+        result.extra["asking_clients"] = asking
+    return result
 
 
 def clients_ratios(results: Sequence[Result], counts: tuple[int, int]) -> list[dict[str, Any]]:
