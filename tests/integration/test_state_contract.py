@@ -23,6 +23,7 @@ import redis
 
 from gateway.params import ConfigError
 from gateway.state.base import STATE_STORES, StateStore, create_store, packed_with_bits
+from gateway.state.sqlite import DEFAULT_CACHE_BYTES, DEFAULT_PAGE_CACHE_BYTES
 from tests.servers.procs import REPO, Proc, free_port, start_redis
 
 for _module in ("memory", "sqlite", "redis_store"):  # each registers its store on import
@@ -377,6 +378,11 @@ def test_sqlite_connections_cache_page_cache_mb_of_pages(tmp_path: Path) -> None
     store = create_store("sqlite", {"path": str(tmp_path / "a.db"), "page_cache_mb": 8})
     assert store._conn().execute("PRAGMA cache_size").fetchone()[0] == -8 * 1024  # KiB, as SQLite reads it
     store.close()
+    default = create_store("sqlite", {"path": str(tmp_path / "b.db")})
+    # As large as the write-back cache, so the pages of the clients it holds stay cached too.
+    assert default._conn().execute("PRAGMA cache_size").fetchone()[0] == -DEFAULT_PAGE_CACHE_BYTES // 1024
+    assert DEFAULT_PAGE_CACHE_BYTES == DEFAULT_CACHE_BYTES
+    default.close()
 
 
 def test_sqlite_reads_a_file_of_packed_bitmaps_written_before_sparse_ones(tmp_path: Path) -> None:
