@@ -51,7 +51,7 @@ DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 # and the recycled page evicting what the next request needed). Sized as the write-back cache, so
 # the pages of the clients it holds stay too. Pages are allocated as they are read, up to this;
 # with the write-back cache, detection runs on one thread, so one connection grows to it.
-DEFAULT_PAGE_CACHE_BYTES = 256 * 1024 * 1024
+DEFAULT_PAGE_CACHE_BYTES = DEFAULT_CACHE_BYTES
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bitmaps (key TEXT PRIMARY KEY, bits BLOB NOT NULL, sparse INTEGER NOT NULL DEFAULT 0);
