@@ -42,17 +42,18 @@ def check_keys(params: Mapping[str, Any], allowed: Iterable[str], required: Iter
 def number(
     params: Mapping[str, Any], name: str, default: float | int, *,
     low: float | None = None, high: float | None = None, integer: bool = False,
-    low_inclusive: bool = True,
+    low_inclusive: bool = True, high_inclusive: bool = True,
 ) -> Any:
-    """``params[name]`` (or ``default``) checked to be a number within [low, high]."""
+    """``params[name]`` (or ``default``) checked to be a number within [low, high] (either end
+    open when its ``*_inclusive`` is False)."""
     value = params.get(name, default)
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise ParamError(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
     if low is not None and (value < low or (not low_inclusive and value == low)):
         raise ParamError(name, f"must be {'>=' if low_inclusive else '>'} {low}, got {value}")
-    if high is not None and value > high:
-        raise ParamError(name, f"must be <= {high}, got {value}")
+    if high is not None and (value > high or (not high_inclusive and value == high)):
+        raise ParamError(name, f"must be {'<=' if high_inclusive else '<'} {high}, got {value}")
     return value
 
 
