@@ -77,6 +77,7 @@ class TieTilt:
     name = "tie-tilt"
     before_defenses = True  # the mark belongs to the model's answer; per-key defenses act on top
     max_evidence = 0  # proof rests on the rule, not on stored answers
+    query_levels = ()  # reads the pooled grid (no codes): pooled ahead by the gateway like theirs
 
     def __init__(self, params: Mapping[str, Any], *, kind: ModelKind, secret: bytes) -> None:
         check_keys(params, ("margin", "bits", "probe_margin"))

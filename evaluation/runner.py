@@ -23,7 +23,7 @@ from evaluation.client import KeyPool, VictimClient
 from evaluation.data import ImageDataset
 from evaluation.presets import ADMIN_TOKEN, api_key, gateway_config, preset_name, start_gateway
 from evaluation.scoring import (ClientMonitor, agreement, fidelity, load_pool, load_reference, load_source,
-                                outputs, probe_accuracy, watermark_p_value)
+                                outputs, probe_accuracy, watermark_p_value, watermark_proof)
 from evaluation.suite import AttackEntry, ModelEntry, Suite
 
 __all__ = ["Prepared", "Runner", "Target"]
@@ -56,6 +56,7 @@ class Prepared:
     probe: tuple[ImageDataset, ImageDataset] | None = None
     chance: float = 0.0
     benign_data: dict[str, ImageDataset] = field(default_factory=dict)
+    probes: np.ndarray | None = None  # the watermark test's fresh probe images float32 [N, C, H, W]
 
 
 def _slug(text: str) -> str:
@@ -83,6 +84,7 @@ class Runner:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.plan = client_ids(suite)
         self._target_turn = 0
+        self._configs: dict[str, str] = {}  # defense preset -> the config of the gateway serving it
 
     # ----------------------------------------------------------------------- preparation
     def prepare(self, mi: int, model: ModelEntry) -> Prepared:
@@ -104,6 +106,7 @@ class Runner:
             p.chance = float(np.bincount(test.labels).max() / len(test))
         for b in model.benign:
             p.benign_data[b.name] = load_source(b.data, shape)
+        p.probes = load_pool(model.data["probes"], shape).images if model.data["probes"] else ev.images
         return p
 
     def _downstream(self, p: Prepared, model: torch.nn.Module) -> float:
@@ -164,6 +167,7 @@ class Runner:
         if blocked is None and refusal is not None and refusal.code == "PERMISSION_DENIED":
             blocked = victim.refused_after
         wm = watermark_p_value(admin, p.entry.name, ids, result.surrogate, p.entry.kind)
+        proof = watermark_proof(self._configs.get(defense), p.entry.name, p.reference, p.probes, result.surrogate)
         victim.close()
         key = "agreement" if p.entry.kind == "classifier" else "stolen_downstream_accuracy"
         return {"model": p.entry.name, "kind": p.entry.kind, "attack": a.label, "attack_name": a.spec.name,
@@ -173,6 +177,7 @@ class Runner:
                 "flagged_after": monitor.flagged_after, "blocked_after": blocked,
                 "refused_after": result.refused_after,
                 "watermark_p_value": None if wm is None else wm["p_value"], "watermark": wm,
+                "moat_verify_p_value": None if proof is None else proof["p_value"], "watermark_proof": proof,
                 "chance": p.chance, "seconds": round(seconds, 2), "seed": a.spec.seed,
                 "curve": [[int(q), self._metric(p, m)[key]] for q, m in result.curve],
                 "coverage": [[int(q), round(c, 3)] for q, c in monitor.coverage]}
@@ -235,6 +240,7 @@ class Runner:
                 if not chosen:
                     continue
                 config = gateway_config([p.entry for p in chosen], preset, ids, self.out / "gateways")
+                self._configs[name] = str(config)
                 gateway = start_gateway(config, self.out / "gateways")
                 self.log(f"[{name}] gateway on {gateway.address}")
                 try:

@@ -17,7 +17,7 @@ from evaluation.attacks.thief import fit_images
 from evaluation.data import DATASETS, ImageDataset
 
 __all__ = ["ClientMonitor", "agreement", "fidelity", "load_reference", "load_source", "outputs", "probe_accuracy",
-           "watermark_p_value"]
+           "watermark_p_value", "watermark_proof"]
 
 
 def load_source(spec: Mapping[str, Any], shape: Sequence[int]) -> ImageDataset:
@@ -180,3 +180,28 @@ def watermark_p_value(admin: Any, model: str, client_ids: Sequence[str], surroga
     except VerifyError:
         return None
     return {**result, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def watermark_proof(config: str | None, model: str, reference: torch.nn.Module, probes: np.ndarray,
+                    surrogate: torch.nn.Module) -> dict[str, Any] | None:
+    """``moat verify --config``'s test of ``surrogate`` on fresh ``probes`` float32 [N, C, H, W]: the
+    rule of ``model``'s watermark recomputed from the gateway ``config``'s secret, the clean answers
+    from ``reference`` (the victim itself). None without a config (an endpoint someone else runs) or
+    when the model's watermark is not proven on probes."""
+    if config is None:
+        return None
+    from defenses.proof import ProofError
+    from gateway.config import load_config
+    from gateway.errors import ConfigError
+    from gateway.prove import model_watermark, prove_on_probes
+
+    try:
+        _, watermark = model_watermark(load_config(config), model)
+    except ConfigError:
+        return None
+    t0 = time.perf_counter()
+    try:
+        proof = prove_on_probes(watermark, probes, outputs(reference, probes), outputs(surrogate, probes))
+    except ProofError:
+        return None
+    return {**proof.as_dict(), "watermark": watermark.name, "seconds": round(time.perf_counter() - t0, 3)}

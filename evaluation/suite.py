@@ -200,7 +200,7 @@ def _model(data: Any, where: str, seed: int) -> ModelEntry:
         raise SuiteError(f"{where}: input_shape and num_outputs are required unless source is a zoo model")
     if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
         raise SuiteError(f"{f.name('input_shape')}: must be [C, H, W] positive ints, got {shape!r}")
-    d = _Fields(f.get("data", dict), f.name("data"), {"pool", "eval", "probe_train", "probe_test"})
+    d = _Fields(f.get("data", dict), f.name("data"), {"pool", "eval", "probe_train", "probe_test", "probes"})
     pool = d.get("pool", list)
     if not pool:
         raise SuiteError(f"{d.name('pool')}: needs at least one data source")
@@ -209,6 +209,9 @@ def _model(data: Any, where: str, seed: int) -> ModelEntry:
     if kind == "encoder":
         for key in ("probe_train", "probe_test"):
             sources[key] = _data_source(d.get(key, dict), d.name(key))
+    # The watermark's fresh probes (images the thieves never had to send); the eval set by default.
+    probes = d.get("probes", list, [])
+    sources["probes"] = [_data_source(p, f"{d.name('probes')}[{i}]") for i, p in enumerate(probes)]
     attacks = tuple(_attack(a, f"{f.name('attacks')}[{i}]", seed, kind)
                     for i, a in enumerate(f.get("attacks", list, [])))
     labels = [a.label for a in attacks]

@@ -197,18 +197,32 @@ def _evidence(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from gateway.evidence import EvidenceError, load_evidence
-    from gateway.verify import VerifyError, endpoint_suspect, torchscript_suspect, verify, write_result
+    from gateway.verify import VerifyError, endpoint_suspect, torchscript_suspect
 
+    if bool(args.evidence) == bool(args.config) or (args.config and not args.model):
+        print("moat verify: give --config CONFIG --model NAME (fresh probes), or --evidence FILE", file=sys.stderr)
+        return 2
     if bool(args.suspect) == bool(args.suspect_endpoint) or (args.suspect_endpoint and not args.model):
         print("moat verify: give --suspect MODEL_FILE, or --suspect-endpoint HOST:PORT with --model NAME",
               file=sys.stderr)
         return 2
     try:
+        suspect = (torchscript_suspect(args.suspect) if args.suspect
+                   else endpoint_suspect(args.suspect_endpoint, args.suspect_model or args.model, args.api_key))
+        run = _verify_on_probes if args.config else _verify_evidence
+        return run(args, suspect)
+    except VerifyError as error:
+        print(f"moat verify: {error}", file=sys.stderr)
+        return 1
+
+
+def _verify_evidence(args: argparse.Namespace, suspect: Callable[[Any], Any]) -> int:
+    from gateway.evidence import EvidenceError, load_evidence
+    from gateway.verify import VerifyError, verify, write_result
+
+    try:
         with open(args.evidence, "rb") as handle:
             evidence = load_evidence(handle.read())
-        suspect = (torchscript_suspect(args.suspect) if args.suspect
-                   else endpoint_suspect(args.suspect_endpoint, args.model, args.api_key))
         result = verify(evidence, suspect, args.alpha)
     except OSError as error:
         print(f"moat verify: cannot read {args.evidence}: {error.strerror}", file=sys.stderr)
@@ -216,6 +230,34 @@ def _verify(args: argparse.Namespace) -> int:
     except (EvidenceError, VerifyError) as error:
         print(f"moat verify: {error}", file=sys.stderr)
         return 1
+    print(write_result(result, args.output))
+    return 0
+
+
+def _verify_on_probes(args: argparse.Namespace, suspect: Callable[[Any], Any]) -> int:
+    from defenses.proof import ProofError
+    from gateway.config import load_config
+    from gateway.prove import DEFAULT_PROBES, clean_answers, load_probes, model_watermark, prove_on_probes
+    from gateway.verify import suspect_answers, write_result
+
+    try:
+        config = load_config(args.config)
+        entry, watermark = model_watermark(config, args.model)
+        probes = load_probes(args.probes or DEFAULT_PROBES)
+    except ConfigError as error:
+        print(f"moat verify: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"moat verify: {error}", file=sys.stderr)
+        return 2
+    try:
+        proof = prove_on_probes(watermark, probes, clean_answers(entry, config, probes),
+                                suspect_answers(suspect, probes))
+    except ProofError as error:
+        print(f"moat verify: {error}", file=sys.stderr)
+        return 1
+    result = {"model": entry.name, "watermark": watermark.name, "probes_source": args.probes or DEFAULT_PROBES,
+              **proof.as_dict(args.alpha)}
     print(write_result(result, args.output))
     return 0
 
@@ -287,11 +329,16 @@ def _parser() -> argparse.ArgumentParser:
     _admin_options(evidence)
     evidence.set_defaults(handler=_evidence)
 
-    check = commands.add_parser("verify", help="test a suspect model against watermark evidence")
-    check.add_argument("--evidence", required=True, help="an evidence file (moat evidence export)")
+    check = commands.add_parser("verify", help="test a suspect model for the watermark: on fresh probes "
+                                "(--config, --model) or against exported evidence (--evidence)")
+    check.add_argument("--config", help="the gateway's config: the watermark's rule is recomputed from its secret")
+    check.add_argument("--probes", help="fresh probe images: a .npy/.npz file or DATASET[:SPLIT] "
+                                        "(default fashion-mnist:test)")
+    check.add_argument("--evidence", help="an evidence file (moat evidence export)")
     check.add_argument("--suspect", help="the suspect as a TorchScript file")
     check.add_argument("--suspect-endpoint", help="the suspect's Open Inference Protocol gRPC address HOST:PORT")
-    check.add_argument("--model", help="the suspect endpoint's model name")
+    check.add_argument("--model", help="the protected model's name (with --config), also the suspect endpoint's")
+    check.add_argument("--suspect-model", help="the suspect endpoint's model name, when not --model")
     check.add_argument("--api-key", help="API key for the suspect endpoint (sent as a bearer token)")
     check.add_argument("--alpha", type=float, default=0.01, help="significance level for 'stolen' (default 0.01)")
     check.add_argument("-o", "--output", help="also write the JSON result to this file")

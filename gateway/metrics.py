@@ -112,9 +112,15 @@ class GatewayMetrics:
             "moat_coverage_percent", "B4B coverage of the requesting client, observed per request.",
             ["model"], buckets=(1, 2, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100), registry=registry,
         )
-        self.watermarked_answers = Counter(
-            "moat_watermarked_answers", "Answers that carried the model's watermark.", ["model"],
+        # Which watermark each model carries: set once at start, so nothing here moves with one
+        # request's mark (a rule watermark is a function of the query; it is never counted per answer).
+        self.watermark = Gauge(
+            "moat_watermark", "1 per model for the watermark in force, by name.", ["model", "watermark"],
             registry=registry,
+        )
+        self.watermarked_answers = Counter(
+            "moat_watermarked_answers", "Answers whose evidence an evidence watermark (dawn, direction) recorded.",
+            ["model"], registry=registry,
         )
         self.evidence_records = Counter(
             "moat_evidence_records", "Watermark evidence records written to the state store.", ["model"],

@@ -28,7 +28,7 @@ import numpy as np
 
 from defenses.base import DefenseContext
 from defenses.codes import PooledQueries
-from defenses.watermark import Marked
+from defenses.watermark import Marked, Watermark
 from detectors.base import QueryBatch, Verdict
 from gateway.alerts import AlertSink
 from gateway.auth import Client
@@ -120,6 +120,8 @@ class ModelProtection:
         # This process's view of each client's standing, least recently updated first (~1 KB each).
         self._snapshots: OrderedDict[str, Snapshot] = OrderedDict()
         self._children = _MetricChildren(metrics, config)
+        if config.watermark is not None:
+            metrics.watermark.labels(model=config.name, watermark=config.watermark.name).set(1)
         # Per tier: the grey levels at which its defenses and watermark code every answer's queries,
         # or None when none codes queries at all (see pool_queries).
         self._query_levels = {name: _query_levels((*t.defenses, t.watermark)) for name, t in self.tiers.items()}
@@ -235,22 +237,31 @@ class ModelProtection:
         components = self.tiers[caller.tier]
         if components.trusted:
             return batch.outputs, None
-        started = self._clock()
         context = DefenseContext(client=caller.id, batch=batch, verdicts=snapshot.verdicts,
                                  suspicion=snapshot.suspicion, flagged=snapshot.status != "ok", pooled=pooled)
-        outputs = batch.outputs
+        watermark = components.watermark
+        # A rule watermark marks the model's own answer, the same for every key, and the per-key
+        # defenses act on top; an evidence watermark marks the answer the key is sent.
+        first = watermark is not None and getattr(watermark, "before_defenses", False)
+        marked = self._mark(watermark, batch.outputs, context) if first else None
+        started = self._clock()
+        outputs = marked.outputs if marked is not None else batch.outputs
         for defense in components.defenses:
             changed = defense.apply(outputs, context)
             if changed is not outputs and not np.array_equal(changed, outputs):
                 self._children.modified[defense.name].inc()
             outputs = changed
         self._observe_stage("defend", started)
-        if components.watermark is None:
-            return outputs, None
-        started = self._clock()
-        marked = components.watermark.mark(outputs, context)
-        self._observe_stage("watermark", started)
+        if watermark is None or first:
+            return outputs, (marked if marked is not None and marked.records else None)
+        marked = self._mark(watermark, outputs, context)
         return marked.outputs, (marked if marked.records else None)
+
+    def _mark(self, watermark: Watermark, outputs: np.ndarray, context: DefenseContext) -> Marked:
+        started = self._clock()
+        marked = watermark.mark(outputs, context)
+        self._observe_stage("watermark", started)
+        return marked
 
     def keep_evidence(self, caller: Client, marked: Marked) -> None:
         """Write the watermark's evidence records; durable when this returns, so before the answer

@@ -109,10 +109,10 @@ def rows() -> list[tuple[str, list[tuple[object, int]]]]:
             [(f"sum by (model, defense, action) (rate(moat_defense_actions_total{{{M}}}[{RATE}]))",
               "{{model}} {{defense}} {{action}}")], unit="ops",
             description="Answers changed by a defense (action=modified) and escalations (defense=policy)."), 12),
-        # Watermarks are being built: moat_watermarked_answers_total{model} is the agreed name.
-        (ts("Watermarked answers",
-            [(f"sum by (model) (rate(moat_watermarked_answers_total{{{M}}}[{RATE}]))", "{{model}}")], unit="ops",
-            description="Answers carrying a watermark (evidence recorded for an ownership test)."), 12),
+        (ts("Watermarks in force",
+            [(f"max by (model, watermark) (moat_watermark{{{M}}})", "{{model}} {{watermark}}")],
+            description="The watermark each model carries (1 while in force); `moat verify --config` proves "
+                        "copies of rule watermarks on fresh probes."), 12),
     ]
     health = [
         (Stat(title="Gateways up", dataSource=DS, reduceCalc="lastNotNull",

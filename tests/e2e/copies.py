@@ -22,6 +22,15 @@ def watermark_only(data: dict) -> None:
     model["detectors"], model["defenses"] = [], []
 
 
+def evidence_watermark_only(data: dict) -> None:
+    """Only an evidence watermark on the first model: DAWN for a classifier, direction for an encoder
+    (the demo config's defaults are the rule watermarks, proven on fresh probes instead)."""
+    watermark_only(data)
+    model = data["models"][0]
+    name = "dawn" if model["kind"] == "classifier" else "direction"
+    model["watermark"] = {"name": name, "params": {"rate": 0.005, "max_evidence": 10000}}
+
+
 def moat_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300)

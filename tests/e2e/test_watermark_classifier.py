@@ -20,7 +20,7 @@ from evaluation.zoo_models import FashionCNN, embed
 from gateway.evidence import load_evidence
 from gateway.verify import verify
 from tests.e2e.conftest import admin_client, protected_config, query
-from tests.e2e.copies import fit_copy, moat_cli, watermark_only
+from tests.e2e.copies import evidence_watermark_only, fit_copy, moat_cli
 from tests.servers.procs import start_gateway
 
 MODEL = "fashion-classifier"
@@ -36,7 +36,7 @@ def _train(x: np.ndarray, targets: np.ndarray, epochs: int, seed: int) -> torch.
 def gateway(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("dawn")
     state = {"name": "sqlite", "params": {"path": str(tmp / "state.db")}}
-    config = protected_config(tmp / "dawn.yaml", state, models=[MODEL], edit=watermark_only)
+    config = protected_config(tmp / "dawn.yaml", state, models=[MODEL], edit=evidence_watermark_only)
     proc = start_gateway(config, tmp)
     proc.info["config"], proc.info["tmp"] = config, tmp
     yield proc

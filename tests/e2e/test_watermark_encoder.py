@@ -21,7 +21,7 @@ from evaluation.zoo_models import FashionEncoder, embed, linear_probe_accuracy, 
 from gateway.evidence import load_evidence
 from gateway.verify import verify
 from tests.e2e.conftest import protected_config, query
-from tests.e2e.copies import fit_copy, moat_cli, watermark_only
+from tests.e2e.copies import evidence_watermark_only, fit_copy, moat_cli
 from tests.servers.procs import start_gateway
 
 MODEL = "fashion-encoder"
@@ -56,7 +56,7 @@ def one_thread():
 def gateway(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("direction")
     state = {"name": "sqlite", "params": {"path": str(tmp / "state.db")}}
-    config = protected_config(tmp / "direction.yaml", state, models=[MODEL], edit=watermark_only)
+    config = protected_config(tmp / "direction.yaml", state, models=[MODEL], edit=evidence_watermark_only)
     proc = start_gateway(config, tmp)
     yield proc
     proc.stop()
