@@ -11,7 +11,7 @@ import hmac
 
 import numpy as np
 
-__all__ = ["HyperplaneCells", "keyed_generator", "keyed_signs", "keyed_unit_vectors"]
+__all__ = ["HyperplaneCells", "keyed_generator", "keyed_unit_vectors"]
 
 
 def keyed_generator(key: bytes, purpose: str) -> np.random.Generator:
@@ -20,11 +20,6 @@ def keyed_generator(key: bytes, purpose: str) -> np.random.Generator:
         raise ValueError("a watermark key must be non-empty bytes")
     digest = hmac.new(bytes(key), purpose.encode(), hashlib.sha256).digest()
     return np.random.default_rng(int.from_bytes(digest, "big"))
-
-
-def keyed_signs(key: bytes, purpose: str, count: int) -> np.ndarray:
-    """float64 [count] of independent fair signs ±1."""
-    return np.where(keyed_generator(key, purpose).random(count) < 0.5, 1.0, -1.0)
 
 
 def keyed_unit_vectors(key: bytes, purpose: str, count: int, dim: int) -> np.ndarray:

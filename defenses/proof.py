@@ -1,6 +1,6 @@
 """Ownership tests on fresh probes: the statistics behind ``moat verify --config``.
 
-A learnable watermark (``defenses.region_shift``, ``defenses.tie_tilt``) is a rule the server
+A learnable watermark (``defenses.region_shift``) is a rule the server
 secret fixes: which regions of the model's input space are marked, and how. A copy trained on
 the marked answers follows the rule on *any* input of those regions, so the verifier tests it on
 probes of its own (images the thief never had to send), after recomputing the rule from the
@@ -9,15 +9,11 @@ the keyed choices the statistic is scored against are then independent of the su
 uniformly random given everything else the statistic uses, so no reference models are needed
 and no parameter can be picked after seeing a suspect.
 
-Two null distributions, both conservative (Chernoff / Hoeffding bounds on an exact distribution):
-
-- :func:`sign_p_value`, for keyed random signs σ_c = ±1 (fair, independent): T = Σ σ_c a_c with
-  the a_c fixed given the suspect is sub-Gaussian with variance proxy Σ a_c² (Hoeffding 1963), so
-  P[T ≥ t] ≤ exp(−t² / (2 Σ a_c²)).
-- :func:`sphere_p_value`, for keyed unit vectors u_c uniform on the sphere S^{D−1}: cos(v_c, u_c)
-  for a fixed v_c is the first coordinate of a uniform point, sub-Gaussian with proxy 1/D (Marchal
-  & Arbel, "On the sub-Gaussianity of the Beta and Dirichlet distributions", 2017), so the sum S of
-  M independent such cosines has P[S ≥ s] ≤ exp(−D s² / (2M)).
+The null distribution: for keyed unit vectors u_c uniform on the sphere S^{D−1}, cos(v_c, u_c)
+for a fixed v_c is the first coordinate of a uniform point, sub-Gaussian with proxy 1/D (Marchal &
+Arbel, "On the sub-Gaussianity of the Beta and Dirichlet distributions", 2017), so the sum S of M
+independent such cosines has P[S ≥ s] ≤ exp(−D s² / (2M)) (:func:`sphere_p_value`): a conservative
+bound on an exact distribution.
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Proof", "ProofError", "sign_p_value", "sphere_p_value", "verdict"]
+__all__ = ["Proof", "ProofError", "sphere_p_value", "verdict"]
 
 DEFAULT_ALPHA = 0.01
 
@@ -62,18 +58,6 @@ def verdict(p_value: float, alpha: float = DEFAULT_ALPHA) -> str:
     if not 0 < alpha < 1:
         raise ProofError(f"alpha must be in (0, 1), got {alpha}")
     return "stolen" if p_value < alpha else "not-proven"
-
-
-def sign_p_value(signs: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """(z, p) for T = Σ σ_c a_c with keyed fair signs ``signs`` float [C] in {−1, +1} and scores
-    ``scores`` float [C] that do not depend on the signs: z = T / sqrt(Σ a_c²), p = exp(−z²/2) for
-    T > 0, else 1."""
-    a = np.asarray(scores, dtype=np.float64)
-    variance = float(np.sum(a * a))
-    if variance <= 0:
-        return 0.0, 1.0
-    z = float(np.sum(np.asarray(signs, dtype=np.float64) * a)) / math.sqrt(variance)
-    return z, (math.exp(-z * z / 2) if z > 0 else 1.0)
 
 
 def sphere_p_value(cosines: np.ndarray, dim: int) -> tuple[float, float]:

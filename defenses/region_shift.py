@@ -49,7 +49,7 @@ __all__ = ["RegionShift"]
 
 DEFAULT_BITS = 8
 DEFAULT_RATE = 0.25
-DEFAULT_STRENGTH = 0.5
+DEFAULT_STRENGTH = 1.0
 MIN_FIT_PER_DIM = 2  # unmarked probes per fitted coefficient row, so the map is not over-fitted
 RIDGE = 1e-3
 
@@ -61,7 +61,7 @@ class RegionShift:
     Params:
         bits: keyed hyperplanes, 2^bits cells, 1..12 (default 8).
         rate: share of cells marked, in (0, 1) (default 0.25).
-        strength: the shift's length relative to ‖e‖, > 0 (default 0.5).
+        strength: the shift's length relative to ‖e‖, > 0 (default 1.0).
     """
 
     name = "region-shift"

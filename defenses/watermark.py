@@ -85,7 +85,7 @@ WATERMARKS: Registry[Watermark] = Registry("watermark")
 def create_watermark(name: str, params: Mapping[str, Any], *, kind: ModelKind, secret: bytes) -> Watermark:
     """Build a registered watermark; ``ParamError`` names a bad parameter, and a watermark that
     does not apply to ``kind`` raises ``ParamError('name', ...)``."""
-    from defenses import region_shift, tie_tilt  # noqa: F401  (register themselves)
+    from defenses import region_shift  # noqa: F401  (registers itself)
 
     return WATERMARKS.get(name)(params, kind=kind, secret=secret)
 

@@ -5,15 +5,15 @@ its own (``--probes``); the thief never had to send them. This module builds the
 watermark from the config exactly as the gateway does (the key is derived from the server secret,
 so no parameter can be chosen after seeing a suspect), asks the model's own backend (embedded or
 upstream) for the clean answers to the probes, asks the suspect for its answers, and hands both
-to the watermark's ``prove`` (``defenses.tie_tilt``, ``defenses.region_shift``), whose null is
-exact: no reference models are estimated.
+to the watermark's ``prove`` (``defenses.region_shift``), whose null is exact: no reference models
+are estimated.
 """
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -32,11 +32,12 @@ DEFAULT_PROBES = "fashion-mnist:test"
 
 
 class ProvableWatermark(Protocol):
-    """A watermark whose proof is a rule recomputed on fresh probes."""
+    """A watermark whose proof is a rule recomputed on fresh probes: ``prove(clean [N, K], suspect
+    [N, K'])`` on the model's clean answers and the suspect's to the same probes."""
 
     name: str
 
-    def prove(self, *args: Any) -> Proof: ...
+    def prove(self, clean: np.ndarray, suspect: np.ndarray) -> Proof: ...
 
 
 def model_watermark(config: GatewayConfig, model: str) -> tuple[ModelConfig, ProvableWatermark]:
@@ -54,8 +55,8 @@ def model_watermark(config: GatewayConfig, model: str) -> tuple[ModelConfig, Pro
     if watermark is None or not hasattr(watermark, "prove"):
         name = None if entry.watermark is None else entry.watermark.name
         raise ConfigError(f"models[{index}].watermark",
-                          f"{name!r} is not proven on fresh probes (use tie-tilt or region-shift; "
-                          "evidence watermarks take --evidence)")
+                          f"{name!r} is not proven on fresh probes (region-shift is; evidence watermarks "
+                          "such as dawn and direction take --evidence)")
     return entry, watermark  # type: ignore[return-value]
 
 
@@ -115,6 +116,4 @@ def prove_on_probes(watermark: ProvableWatermark, probes: np.ndarray, clean: np.
     """Run ``watermark``'s test on the probes [N, ...], clean answers [N, K] and the suspect's [N, K']."""
     if len(clean) != len(probes) or len(suspect) != len(probes):
         raise ProofError(f"{len(probes)} probes but {len(clean)} clean and {len(suspect)} suspect answers")
-    if watermark.name == "region-shift":
-        return watermark.prove(clean, suspect)
-    return watermark.prove(probes, clean, suspect)
+    return watermark.prove(clean, suspect)

@@ -45,7 +45,7 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
     assert all(r["p50_ms"] > 0 and r["p99_ms"] >= r["p50_ms"] and r["throughput_rps"] > 0 for r in timed)
     detectors = {r["contender"] for r in results if r["scenario"] == "detectors"}
     assert {"prada", "coverage", "b4b[ok]", "b4b[flagged]", "misinformation[ok]", "misinformation[flagged]",
-            "watermark:tie-tilt[flagged]", "protect", "protect[active]"} <= detectors
+            "watermark:dawn[flagged]", "protect", "protect[active]"} <= detectors
     # the 10-vs-many-clients measurement on clients of like history, and beside it the many-client
     # store with as few asking, and as many clients of one query each
     protect = {(r["store"], r["contender"], r["clients"]): r for r in results if r["contender"].startswith("protect")}

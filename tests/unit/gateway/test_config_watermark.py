@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from defenses.region_shift import RegionShift
-from defenses.tie_tilt import TieTilt
+from defenses.watermark import DAWN
 from gateway.config import ComponentConfig, parse_config
 from gateway.errors import ConfigError
 from gateway.tiers import build_tier, build_watermark
@@ -29,14 +29,13 @@ def _parsed(change=None):
 
 def test_demo_models_carry_their_watermarks() -> None:
     classifier, encoder = _parsed().models
-    assert classifier.watermark == ComponentConfig("tie-tilt", {"margin": 0.15, "bits": 4})
-    assert encoder.watermark == ComponentConfig("region-shift", {"bits": 8, "rate": 0.25, "strength": 0.5})
+    assert classifier.watermark == ComponentConfig("dawn", {"rate": 0.005, "max_evidence": 10000})
+    assert encoder.watermark == ComponentConfig("region-shift", {"bits": 8, "rate": 0.25, "strength": 1.0})
     standard = _parsed().tier("standard")
     assert standard.watermark is True
-    tilt = build_watermark(classifier, standard, "models[0]", SECRET)
-    assert isinstance(tilt, TieTilt) and tilt.margin == 0.15 and tilt.bits == 4
+    assert isinstance(build_watermark(classifier, standard, "models[0]", SECRET), DAWN)
     built = build_watermark(encoder, standard, "models[1]", SECRET)
-    assert isinstance(built, RegionShift) and built.rate == 0.25 and built.strength == 0.5
+    assert isinstance(built, RegionShift) and built.rate == 0.25 and built.strength == 1.0
 
 
 def test_absent_or_null_watermark_is_none() -> None:
@@ -77,7 +76,7 @@ def test_bad_watermark_fields_name_the_field(change, field: str, problem: str) -
 
 
 @pytest.mark.parametrize(("watermark", "field", "problem"), [
-    ({"name": "stamp"}, "models[1].watermark.name", "unknown watermark 'stamp'; valid: dawn, direction, region-shift, tie-tilt"),
+    ({"name": "stamp"}, "models[1].watermark.name", "unknown watermark 'stamp'; valid: dawn, direction, region-shift"),
     ({"name": "direction", "params": {"strength": 0}}, "models[1].watermark.params.strength", "must be > 0"),
     ({"name": "direction", "params": {"rate": 0.7}}, "models[1].watermark.params.rate", "must be <= 0.5"),
 ])
