@@ -8,9 +8,11 @@ seed set) do not, and a Shapiro-Wilk test on the pooled distances tells them apa
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -23,7 +25,7 @@ from gateway.params import ParamError, check_keys, number
 from gateway.state.base import StateStore, client_key
 
 _PARAMS = ("delta", "min_samples", "projection_dim", "max_per_class", "max_distances", "test_every",
-           "test_fraction")
+           "test_fraction", "repeat_tolerance")
 MIN_CLASS_DISTANCES = 10  # classes with fewer distances stay out of the test (authors' code)
 _UNAVAILABLE = -1.0  # stored W before the first test with enough samples (W itself lies in (0, 1])
 OUTLIER_SIGMAS = 3.0  # distances beyond mean +- 3 std are dropped before the test (paper, Alg. 1)
@@ -43,14 +45,48 @@ class _Keys:
     def dist(self, group: int) -> str:
         return client_key("prada", self.model, self.client, "dist", str(group))
 
+    def seen(self, group: int) -> str:
+        return client_key("prada", self.model, self.client, "seen", str(group))
+
+
+@dataclass
+class _GrowingSet:
+    """The growing-set rule of one group: threshold thr_c and the count, sum and sum of squares of
+    D_{G_c} (the distances of the queries that joined G_c)."""
+
+    thr: float
+    n: float
+    total: float
+    squares: float
+
+    @classmethod
+    def read(cls, fields: Mapping[str, Any], group: int) -> _GrowingSet:
+        return cls(*(float(fields.get(f"{k}:{group}", 0.0)) for k in ("thr", "n", "s", "q")))
+
+    def admit(self, d: float) -> bool:
+        """Whether a query at distance d to G_c (inf for the group's first) joins it; updates thr_c."""
+        if not math.isfinite(d):
+            self.n += 1  # D_{G_c} starts as {0}, as in the authors' code (see the class docstring)
+            return True
+        if d <= self.thr:
+            return False
+        self.n, self.total, self.squares = self.n + 1, self.total + d, self.squares + d * d
+        mean = self.total / self.n
+        self.thr = max(self.thr, mean - math.sqrt(max(self.squares / self.n - mean * mean, 0.0)))
+        return True
+
+    def fields(self, group: int) -> dict[str, float]:
+        return {f"thr:{group}": self.thr, f"n:{group}": self.n, f"s:{group}": self.total, f"q:{group}": self.squares}
+
 
 class PradaDetector:
     """PRADA (Juuti et al., EuroS&P 2019): Shapiro-Wilk test on growing-set distances, per client.
 
     Per client, model and group c (the predicted class argmax(outputs) for classifiers; one group for
     encoders) the store keeps, under ``client_key("prada", model, client, ...)``, the growing set G_c
-    (``set/<c>``, float32 rows), the minimum distances D_c of every query but the group's first
-    (``dist/<c>``, float32 [n, 1]) and, in the hash ``stats``, the threshold ``thr:<c>`` plus the
+    (``set/<c>``, float32 rows), the other distinct queries (``seen/<c>``, float32 rows: they tell
+    repeats apart, see below), the minimum distances D_c of every distinct query but the group's
+    first (``dist/<c>``, float32 [n, 1]) and, in the hash ``stats``, the threshold ``thr:<c>`` plus the
     count, sum and sum of squares of the distances of the elements added to G_c (the paper's
     D_{G_c}, kept as running sums). A query x with d = min ||x - g||, g in G_c, joins G_c when
     d > thr_c; then thr_c = max(thr_c, mean - std of D_{G_c}). Distances of groups with >= 10 are
@@ -63,8 +99,9 @@ class PradaDetector:
       (Johnson-Lindenstrauss; ~9% relative spread per distance at 64), not in pixel space: stored
       rows shrink 12x for 28x28 inputs, and on the demo classifier W moves by <= 0.02 for both
       natural and JBDA streams (``projection_dim: 0`` restores pixel space);
-    - G_c keeps its newest ``max_per_class`` members and D_c its newest ``max_distances`` values
-      (sliding windows; the paper keeps everything, which makes each query linear in history);
+    - G_c keeps its newest ``max_per_class`` members, ``seen/<c>`` as many other queries and D_c
+      its newest ``max_distances`` values (sliding windows; the paper keeps everything, which makes
+      each query linear in history);
     - the test runs every ``test_every`` queries (the authors' code: every 10), or once a
       ``test_fraction`` (default 1%) of the pooled sample is new when that is more (every 100
       queries with full 10 x 1000 windows): reading and testing the pool is linear in its size, and
@@ -77,7 +114,25 @@ class PradaDetector:
       thr_c to the group's first distance at once (thr_c is a running max, so it never comes
       down), G_c stays a sparse cover of far-apart points, and JBDA's near-duplicate children are
       measured to distant ancestors instead of their parents: on the demo classifier a JBDA stream
-      then gives W = 0.98 (not flagged) instead of 0.85.
+      then gives W = 0.98 (not flagged) instead of 0.85;
+    - repeats are left out: a query closer than ``repeat_tolerance`` * ||x|| (default 2% of its
+      norm) to a stored earlier query of its group, a member of G_c or a row of ``seen/<c>``, adds
+      no distance and is stored nowhere (``repeat_tolerance: 0`` restores the paper). The paper
+      measures every query, and a client re-sending its own images (a retry, a second pass over a
+      test set) adds distances of ~0 that drag W down: on the demo classifier, 300 test images and
+      then the first 2,000 were flagged at 500 queries, ten passes over 1,000 at 1,500 (W 0.57);
+      with repeats left out neither is (W 0.98 at the end, above 0.93 at every test). Against G_c alone,
+      a repeat of a query that did not join G_c adds its distance again, every pass weights the
+      lower tail (d <= thr_c) once more, and W falls with the passes (0.95 after ten): hence
+      ``seen/<c>``. A repeat is no evidence either way, so repeats interleaved in a synthetic
+      stream only delay its flag by the queries they add (JBDA, 2,400 queries: W 0.87 with or
+      without as many repeats). The tolerance is far below the distances the test is about:
+      natural Fashion-MNIST test images lie >= 10% of their norm from their nearest neighbour (all
+      but 2 of 10,000 are >= 5%), JBDA's steps of 0.1 >= 12%, while re-encoding an image stays
+      under it (uint8: <= 0.3%). The cost to the thief: queries within 2% of one it already sent
+      are invisible to PRADA, and tell it next to nothing new; since they are not stored, a walk
+      of such small steps is measured once it is 2% away from everything stored. Repeats of
+      queries that have left both windows count as new queries, as any query does.
     """
 
     name = "prada"
@@ -93,6 +148,7 @@ class PradaDetector:
         self.max_distances: int = number(params, "max_distances", 1000, low=MIN_CLASS_DISTANCES, integer=True)
         self.test_every: int = number(params, "test_every", 10, low=1, integer=True)
         self.test_fraction = float(number(params, "test_fraction", 0.01, low=0.0, high=1.0))
+        self.repeat_tolerance = float(number(params, "repeat_tolerance", 0.02, low=0.0, high=0.5))
         if kind not in ("classifier", "encoder"):
             raise ParamError("kind", f"must be classifier or encoder, got {kind!r}")
         self.kind, self.store, self.seed = kind, store, int(seed)
@@ -127,38 +183,53 @@ class PradaDetector:
 
     # ------------------------------------------------------------------ growing sets
     def _observe_group(self, keys: _Keys, group: int, x: np.ndarray, fields: Mapping[str, Any]) -> dict[str, float]:
-        """Apply the growing-set rule to one group's queries x float32 [m, D], in stream order.
+        """Apply the growing-set rule to one group's queries x float32 [m, D], in stream order,
+        leaving out repeats of the client's earlier queries (see the class docstring).
 
         Returns the hash fields to update (threshold and D_{G_c} running sums)."""
-        stored = self.store.get_rows(keys.set(group), x.shape[1])
-        nearest = _nearest_distances(stored, x)  # [m], inf when G_c is empty
+        nearest = _nearest_distances(self.store.get_rows(keys.set(group), x.shape[1]), x)  # [m], inf: G_c empty
+        tolerance = self.repeat_tolerance * np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+        rule = _GrowingSet.read(fields, group)
+        earlier = self._earlier_distances(keys.seen(group), x, nearest, tolerance, rule.thr)
         pairwise = _pairwise_distances(x)  # [m, m]
-        thr = float(fields.get(f"thr:{group}", 0.0))
-        n, total, squares = (float(fields.get(f"{k}:{group}", 0.0)) for k in ("n", "s", "q"))
-        added = np.zeros(len(x), dtype=bool)
+        joined: list[int] = []
+        others: list[int] = []
         distances: list[float] = []
         for i in range(len(x)):
+            if earlier[i] < tolerance[i]:
+                continue  # a repeat: no distance, not stored, so it neither helps nor hurts the client
             d = float(nearest[i])
-            join = not np.isfinite(d)  # the group's first query starts G_c, with no distance...
-            if join:
-                n += 1  # ...but D_{G_c} starts as {0}, as in the authors' code (see the class docstring)
-            else:
+            if math.isfinite(d):  # the group's first query has no distance
                 distances.append(d)
-                join = d > thr
-                if join:
-                    n, total, squares = n + 1, total + d, squares + d * d
-                    mean = total / n
-                    thr = max(thr, mean - float(np.sqrt(max(squares / n - mean * mean, 0.0))))
-            if join:
-                added[i] = True
-                # Later queries of this batch also measure against the new member.
-                np.minimum(nearest, pairwise[i], out=nearest)
-        if added.any():
-            self.store.push_rows(keys.set(group), x[added], self.max_per_class)
+            join = rule.admit(d)
+            (joined if join else others).append(i)
+            if i + 1 < len(x):  # later queries of the batch may repeat this one...
+                np.minimum(earlier, pairwise[i], out=earlier)
+                if join:  # ...and measure against it once it is a member
+                    np.minimum(nearest, pairwise[i], out=nearest)
+        # With no tolerance nothing is a repeat, and the other queries need not be kept.
+        for key, rows in ((keys.set(group), joined), (keys.seen(group), others if self.repeat_tolerance else [])):
+            if rows:
+                self.store.push_rows(key, x[rows], self.max_per_class)
         if distances:
-            column = np.asarray(distances, dtype=np.float32)[:, None]
-            self.store.push_rows(keys.dist(group), column, self.max_distances)
-        return {f"thr:{group}": thr, f"n:{group}": n, f"s:{group}": total, f"q:{group}": squares}
+            self.store.push_rows(keys.dist(group), np.asarray(distances, dtype=np.float32)[:, None],
+                                 self.max_distances)
+        return rule.fields(group)
+
+    def _earlier_distances(self, seen: str, x: np.ndarray, nearest: np.ndarray, tolerance: np.ndarray,
+                           thr: float) -> np.ndarray:
+        """Distance float64 [m] from each query of x float32 [m, D] to the group's nearest stored
+        earlier query: a member of G_c (``nearest`` [m]) or a row of the window ``seen`` of the others.
+
+        ``seen`` is read only for queries that may repeat one of its rows: a row y came within thr_c
+        of G_c and thr_c never decreases, so a repeat x of y (||x - y|| < tolerance) is within
+        thr_c + tolerance of G_c unless y's nearest member has left G_c's window since."""
+        earlier = nearest.copy()
+        maybe = (nearest >= tolerance) & (nearest < thr + tolerance)
+        if self.repeat_tolerance and maybe.any():
+            rows = self.store.get_rows(seen, x.shape[1])
+            earlier[maybe] = np.minimum(nearest[maybe], _nearest_distances(rows, x[maybe]))
+        return earlier
 
     def _test(self, keys: _Keys, fields: Mapping[str, Any]) -> dict[str, float]:
         """Shapiro-Wilk on the pooled distances; returns ``shapiro_w`` (-1 until enough) and ``samples``."""

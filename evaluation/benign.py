@@ -6,6 +6,11 @@
   them and embeds the rest to test it; utility = the probe's accuracy. (Under B4B each key lives in its
   own transformed space, which a probe trained in that space does not notice.)
 
+A user with ``passes`` > 1 sends its images that many times (retries, a second scoring run), and
+utility is measured on the answers of every pass: a defense that turns on a user once it repeats
+itself shows in the later passes' answers. An encoder user's probe trains on every pass's answers
+of its training images and is tested on every pass's answers of the others.
+
 Queries the gateway refuses count as failures: an honest user who is blocked loses those answers.
 """
 
@@ -43,7 +48,9 @@ def task_images(spec: BenignSpec, data: ImageDataset) -> tuple[np.ndarray, np.nd
     return data.images[pick], data.labels[pick]
 
 
-def _classifier_utility(spec: BenignSpec, answers: np.ndarray, labels: np.ndarray) -> float:
+def _classifier_utility(spec: BenignSpec, answers: np.ndarray, labels: np.ndarray, train: np.ndarray) -> float:
+    """Accuracy over all ``labels`` int64 [n] of the argmax of ``answers`` float32 [a <= n, K] (unanswered
+    queries are failures); ``train`` is unused (no probe)."""
     scores = np.array(answers, dtype=np.float64)
     if spec.classes:
         mask = np.full(scores.shape[1], -np.inf)
@@ -52,26 +59,33 @@ def _classifier_utility(spec: BenignSpec, answers: np.ndarray, labels: np.ndarra
     return float((scores.argmax(1) == labels[:len(scores)]).sum() / len(labels))
 
 
-def _encoder_utility(spec: BenignSpec, answers: np.ndarray, labels: np.ndarray) -> float:
+def _encoder_utility(spec: BenignSpec, answers: np.ndarray, labels: np.ndarray, train: np.ndarray) -> float:
+    """Linear-probe accuracy: trained on the answered rows of ``answers`` float32 [a <= n, D] that
+    ``train`` bool [n] marks, tested on the answered others; unanswered test rows are failures."""
     from evaluation.scoring import probe_accuracy
 
-    n_train = int(round(len(labels) * spec.train_fraction))
-    train_y, test_y = labels[:n_train], labels[n_train:]
-    if len(answers) <= n_train or len(np.unique(train_y[:len(answers)])) < 2:
+    answered = np.arange(len(labels)) < len(answers)
+    fit, test = train & answered, ~train & answered
+    if not test.any() or len(np.unique(labels[fit])) < 2:
         return 0.0
-    answered_test = len(answers) - n_train
-    acc = probe_accuracy(answers[:n_train], train_y, answers[n_train:], test_y[:answered_test], seed=spec.seed)
-    return float(acc * answered_test / len(test_y))
+    acc = probe_accuracy(answers[fit[:len(answers)]], labels[fit], answers[test[:len(answers)]], labels[test],
+                         seed=spec.seed)
+    return float(acc * test.sum() / (~train).sum())
 
 
 def run_benign(spec: BenignSpec, kind: str, victim: object, data: ImageDataset, *,
                progress: bool = True) -> BenignResult:
-    """Run one honest user against ``victim`` (a :class:`~evaluation.client.VictimClient`) on ``data``."""
+    """Run one honest user against ``victim`` (a :class:`~evaluation.client.VictimClient`) on ``data``:
+    its images ``spec.passes`` times over, in the same order each pass."""
     images, labels = task_images(spec, data)
-    _, answers, refused = query_all(victim.query, images, chunk=250, progress=progress,  # type: ignore[attr-defined]
+    n_train = int(round(len(labels) * spec.train_fraction))
+    # The probe's training images are the first n_train of every pass: an image never trains and tests.
+    train = np.tile(np.arange(len(labels)) < n_train, spec.passes)
+    sent, labels = np.concatenate([images] * spec.passes), np.tile(labels, spec.passes)
+    _, answers, refused = query_all(victim.query, sent, chunk=250, progress=progress,  # type: ignore[attr-defined]
                                     desc=f"honest {spec.name}")
     refused_after = len(answers) if refused else None
     if len(answers) == 0:
         return BenignResult(0.0, 0, refused_after)
-    utility = (_classifier_utility if kind == "classifier" else _encoder_utility)(spec, answers, labels)
+    utility = (_classifier_utility if kind == "classifier" else _encoder_utility)(spec, answers, labels, train)
     return BenignResult(utility=utility, queries=len(answers), refused_after=refused_after)

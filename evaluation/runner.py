@@ -195,6 +195,7 @@ class Runner:
         status = monitor.status.get(cid)
         task = f"classes {list(spec.classes)}" if spec.classes else "all classes"
         task += " (labels)" if p.entry.kind == "classifier" else " (linear probe)"
+        task += f", {spec.passes} passes" if spec.passes > 1 else ""
         return {"model": p.entry.name, "kind": p.entry.kind, "user": spec.name, "defense": defense, "task": task,
                 "queries": result.queries, "utility": round(result.utility, 4), "utility_undefended": None,
                 "flagged": monitor.flagged_after is not None or result.refused_after is not None,

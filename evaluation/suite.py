@@ -33,8 +33,10 @@ class SuiteError(ValueError):
 
 @dataclass(frozen=True)
 class BenignSpec:
-    """An honest user: ``task`` ``classes`` (a few, or all when empty) with ``queries`` queries of its own
-    ``data``; for encoders a linear probe trained on ``train_fraction`` of them."""
+    """An honest user: ``task`` ``classes`` (a few, or all when empty) with ``queries`` images of its own
+    ``data``, each sent ``passes`` times (a retry, a second scoring run over the same test set: the
+    images once each in the same order per pass, ``queries * passes`` queries in all); for encoders a
+    linear probe trained on ``train_fraction`` of the images."""
 
     name: str
     classes: tuple[int, ...]
@@ -42,6 +44,7 @@ class BenignSpec:
     data: Mapping[str, Any]
     train_fraction: float = 0.5
     seed: int = 0
+    passes: int = 1
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ def _attack(data: Any, where: str, seed: int, kind: str) -> AttackEntry:
 
 
 def _benign(data: Any, where: str, seed: int) -> BenignSpec:
-    f = _Fields(data, where, {"name", "classes", "queries", "data", "train_fraction", "seed"})
+    f = _Fields(data, where, {"name", "classes", "queries", "passes", "data", "train_fraction", "seed"})
     classes = f.get("classes", list, [])
     if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes):
         raise SuiteError(f"{f.name('classes')}: must be a list of class indices, got {classes!r}")
@@ -176,7 +179,7 @@ def _benign(data: Any, where: str, seed: int) -> BenignSpec:
         raise SuiteError(f"{f.name('train_fraction')}: must be in (0, 1), got {fraction}")
     return BenignSpec(name=f.get("name", str), classes=tuple(classes), queries=f.get("queries", int, minimum=2),
                       data=_data_source(f.get("data", dict), f.name("data")), train_fraction=fraction,
-                      seed=f.get("seed", int, seed))
+                      seed=f.get("seed", int, seed), passes=f.get("passes", int, 1, minimum=1))
 
 
 def _model(data: Any, where: str, seed: int) -> ModelEntry:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +13,8 @@ from evaluation.attacks import AttackContext, create_attack
 from evaluation.attacks.fm_steal import BackboneThief, load_backbone
 from evaluation.client import VictimClient
 from evaluation.data import ImageDataset, load_fashion_mnist
-from evaluation.zoo_models import EncoderClassifier, embed
-from tests.evaluation.gateway_models import API_KEY, OTHER_KEY, calibrated_encoder, serve
+from evaluation.zoo_models import embed
+from tests.evaluation.gateway_models import API_KEY, OTHER_KEY, calibrated_encoder, linear_classifier, serve
 
 
 def test_registered_with_defaults() -> None:
@@ -63,19 +62,11 @@ def test_thief_adapts_channels_and_size() -> None:
 def victim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, torch.nn.Module, Path]]:
     """A classifier fine-tuned (head only: logistic regression) from a 'public' encoder the thief also has
     as a TorchScript file, served by a real gateway."""
-    from sklearn.linear_model import LogisticRegression
-
     tmp = tmp_path_factory.mktemp("fm-steal")
     backbone = calibrated_encoder(32, seed=3)
     backbone_path = tmp / "backbone.pt"
     torch.jit.script(backbone).save(str(backbone_path))
-    train = load_fashion_mnist("train")
-    feats = torch.relu(torch.from_numpy(embed(backbone, train.images[:3000])))
-    head = LogisticRegression(max_iter=500).fit(feats.numpy(), train.labels[:3000])
-    model = EncoderClassifier(copy.deepcopy(backbone), num_classes=10).eval()
-    with torch.no_grad():
-        model.head[2].weight.copy_(torch.from_numpy(head.coef_).float())
-        model.head[2].bias.copy_(torch.from_numpy(head.intercept_).float())
+    model = linear_classifier(backbone)
     with serve(tmp, {"victim": (model, "classifier", 10)}) as url:
         yield url, model, backbone_path
 

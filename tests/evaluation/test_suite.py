@@ -52,6 +52,12 @@ def test_valid_suite_reads_labels_budgets_and_sybil_keys(tmp_path: Path) -> None
     assert len({c for ids in plan.values() for c in ids}) == 5
 
 
+def test_honest_users_send_their_images_once_unless_passes_says_more(tmp_path: Path) -> None:
+    assert load_suite(write(tmp_path, BASE)).models[0].benign[0].passes == 1
+    data = edited(lambda d: d["models"][0]["benign"][0].update(passes=10))
+    assert load_suite(write(tmp_path, data)).models[0].benign[0].passes == 10
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda d: d.update(colour=1), "unknown field(s) ['colour']"),
     (lambda d: d.update(seed="x"), "seed: must be int"),
@@ -74,6 +80,8 @@ def test_valid_suite_reads_labels_budgets_and_sybil_keys(tmp_path: Path) -> None
     (lambda d: d["models"][0].update(defenses=["strict"]), "models[0].defenses: ['strict'] are not among"),
     (lambda d: d["models"][0]["benign"][0].update(classes=["shoes"]), "models[0].benign[0].classes: must be"),
     (lambda d: d["models"][0]["benign"][0].update(train_fraction=1.5), "models[0].benign[0].train_fraction"),
+    (lambda d: d["models"][0]["benign"][0].update(passes=0), "models[0].benign[0].passes: must be >= 1"),
+    (lambda d: d["models"][0]["benign"][0].update(passes=2.5), "models[0].benign[0].passes: must be int"),
     (lambda d: d["models"].append(d["models"][0]), "models: names must be unique"),
 ])
 def test_bad_suites_name_the_field(tmp_path: Path, change, message: str) -> None:

@@ -44,7 +44,8 @@ BUILDERS: dict[str, Builder] = {
         bad=[({"delta": 1.0}, "delta"), ({"delta": 0}, "delta"), ({"min_samples": 2}, "min_samples"),
              ({"projection_dim": -1}, "projection_dim"), ({"max_per_class": 0}, "max_per_class"),
              ({"max_distances": 5}, "max_distances"), ({"test_every": True}, "test_every"),
-             ({"test_fraction": 2}, "test_fraction"), ({"window": 3}, "window")],
+             ({"test_fraction": 2}, "test_fraction"), ({"repeat_tolerance": -0.01}, "repeat_tolerance"),
+             ({"repeat_tolerance": 0.6}, "repeat_tolerance"), ({"window": 3}, "window")],
     ),
 }
 CASES = [(name, kind) for name in sorted(BUILDERS) for kind in ("classifier", "encoder")]
