@@ -244,10 +244,7 @@ def _verify_on_probes(args: argparse.Namespace, suspect: Callable[[Any], Any]) -
         config = load_config(args.config)
         entry, watermark = model_watermark(config, args.model)
         probes = load_probes(args.probes or DEFAULT_PROBES)
-    except ConfigError as error:
-        print(f"moat verify: {error}", file=sys.stderr)
-        return 2
-    except ValueError as error:
+    except (ConfigError, ValueError) as error:  # a bad config, model or probes: nothing was tested
         print(f"moat verify: {error}", file=sys.stderr)
         return 2
     try:

@@ -86,7 +86,8 @@ class ModelConfig:
     detectors: tuple[ComponentConfig, ...] = ()
     defenses: tuple[ComponentConfig, ...] = ()
     policy: PolicyConfig = PolicyConfig()
-    # Runs after the defenses; its evidence is durable before the answer leaves.
+    # A rule watermark (region-shift) marks the clean answer before the defenses; an evidence
+    # watermark (dawn, direction) runs after them, its evidence durable before the answer leaves.
     watermark: ComponentConfig | None = None
 
     @property
