@@ -174,6 +174,7 @@ class Runner:
                 "refused_after": result.refused_after,
                 "watermark_p_value": None if wm is None else wm["p_value"], "watermark": wm,
                 "chance": p.chance, "seconds": round(seconds, 2), "seed": a.spec.seed,
+                "training": result.training,
                 "curve": [[int(q), self._metric(p, m)[key]] for q, m in result.curve],
                 "coverage": [[int(q), round(c, 3)] for q, c in monitor.coverage]}
 
