@@ -173,6 +173,8 @@ class Runner:
                 "flagged_after": monitor.flagged_after, "blocked_after": blocked,
                 "refused_after": result.refused_after,
                 "watermark_p_value": None if wm is None else wm["p_value"], "watermark": wm,
+                # The p-value the verdict judges by: what `moat verify` says of this copy.
+                "moat_verify_p_value": None if wm is None else wm["p_value"],
                 "chance": p.chance, "seconds": round(seconds, 2), "seed": a.spec.seed,
                 "training": result.training,
                 "curve": [[int(q), self._metric(p, m)[key]] for q, m in result.curve],
