@@ -3,13 +3,17 @@
 ``report.json`` holds ``suite``, ``runs`` (one per attack x defense: ``model``, ``kind``, ``attack``,
 ``defense`` (``none`` undefended), ``queries``, ``api_keys``, ``victim_accuracy``, ``agreement``,
 ``stolen_accuracy``, ``victim_downstream_accuracy``, ``stolen_downstream_accuracy`` (null where not
-applicable), ``flagged_after``, ``blocked_after``, ``watermark_p_value``, ``seconds``, plus
-``gain_remaining``, ``curve`` and ``coverage``) and ``benign`` (one per honest user x defense: ``model``,
+applicable), ``flagged_after``, ``blocked_after``, ``watermark_p_value``, ``moat_verify_p_value``,
+``seconds``, plus ``gain_remaining``, ``verdict``, ``training``, ``curve`` and ``coverage``) and ``benign`` (one per honest user x defense: ``model``,
 ``defense``, ``task``, ``utility``, ``utility_undefended``, ``flagged``).
 
 Gain remaining = (defended − chance) / (undefended − chance), where the score is agreement for
 classifiers and stolen downstream accuracy for encoders, and chance is the majority-class rate; null
 when the undefended score is less than ``MIN_GAIN`` above chance.
+
+The verdict of a run (:func:`verdict`): ``stopped`` when the defense left the thief at most
+``STOPPED_GAIN`` of its gain, ``caught`` when ``moat verify`` convicts its copy (p below ``CAUGHT_P``),
+``both`` or ``neither``.
 """
 
 from __future__ import annotations
@@ -20,16 +24,32 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RUN_FIELDS", "BENIGN_FIELDS", "finalize", "render_markdown", "score", "summary", "write_plots",
-           "write_report"]
+__all__ = ["RUN_FIELDS", "BENIGN_FIELDS", "CAUGHT_P", "STOPPED_GAIN", "finalize", "render_markdown", "score",
+           "summary", "verdict", "verdict_rows", "write_plots", "write_report"]
 
 RUN_FIELDS = ("model", "kind", "attack", "defense", "queries", "api_keys", "victim_accuracy", "agreement",
               "stolen_accuracy", "victim_downstream_accuracy", "stolen_downstream_accuracy", "flagged_after",
-              "blocked_after", "watermark_p_value", "seconds")
+              "blocked_after", "watermark_p_value", "moat_verify_p_value", "seconds")
 BENIGN_FIELDS = ("model", "defense", "task", "utility", "utility_undefended", "flagged")
 #: An attack that got less than this above chance without moat has no gain to speak of: the ratio
 #: would only amplify noise (the quick suite's copycat: 12.4% agreement, chance ~11%), so it is null.
 MIN_GAIN = 0.05
+#: A defense that leaves the thief at most this much of its gain has stopped it.
+STOPPED_GAIN = 0.2
+#: A copy whose ownership test gives a p-value below this is caught (a claim to stand on its own).
+CAUGHT_P = 1e-6
+
+
+def verdict(gain_remaining: float | None, moat_verify_p_value: float | None) -> str:
+    """``stopped`` (gain remaining <= STOPPED_GAIN), ``caught`` (p < CAUGHT_P), ``both`` or ``neither``.
+
+    Stopping is measured against the same attack without moat, so only a defended run whose undefended
+    twin beat chance by ``MIN_GAIN`` has a gain remaining and can be ``stopped``; an undefended run, or
+    one whose thief got nothing even undefended (gain null), can only be ``caught`` or ``neither``.
+    """
+    stopped = gain_remaining is not None and gain_remaining <= STOPPED_GAIN
+    caught = moat_verify_p_value is not None and moat_verify_p_value < CAUGHT_P
+    return {(True, True): "both", (True, False): "stopped", (False, True): "caught"}.get((stopped, caught), "neither")
 
 
 def score(run: Mapping[str, Any]) -> float | None:
@@ -38,8 +58,9 @@ def score(run: Mapping[str, Any]) -> float | None:
 
 
 def finalize(report: dict[str, Any]) -> dict[str, Any]:
-    """Fill ``gain_remaining`` of defended runs and ``utility_undefended``/``utility_loss`` of honest users
-    from the matching undefended (``none``) entries; checks the required fields are present."""
+    """Fill ``gain_remaining`` of defended runs from the matching undefended (``none``) entries, every run's
+    ``verdict``, and ``utility_undefended``/``utility_loss`` of honest users; checks the required fields
+    are present."""
     undefended = {(r["model"], r["attack"]): r for r in report["runs"] if r["defense"] == "none"}
     for run in report["runs"]:
         missing = [f for f in RUN_FIELDS if f not in run]
@@ -51,6 +72,7 @@ def finalize(report: dict[str, Any]) -> dict[str, Any]:
             s, b, chance = score(run), score(base), run.get("chance", 0.0)
             if s is not None and b is not None and b - chance >= MIN_GAIN:
                 run["gain_remaining"] = round((s - chance) / (b - chance), 4)
+        run["verdict"] = verdict(run["gain_remaining"], run["moat_verify_p_value"])
     honest = {(b["model"], b.get("user", b["task"])): b for b in report["benign"] if b["defense"] == "none"}
     for user in report["benign"]:
         base = honest.get((user["model"], user.get("user", user["task"])))
@@ -69,10 +91,25 @@ def _fmt(value: Any, pct: bool = False) -> str:
     return str(value)
 
 
+VERDICT_HEADER = ("model", "attack", "defense", "queries", "gain left", "watermark p", "verdict")
+VERDICT_NOTE = (f"verdict: stopped = gain left <= {STOPPED_GAIN}, caught = moat verify p < {CAUGHT_P:g}, both, "
+                "neither; undefended runs (defense none) can only be caught")
+
+
+def verdict_rows(report: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """One row per run: :data:`VERDICT_HEADER`'s columns, formatted."""
+    return [(r["model"], r["attack"], r["defense"], str(r["queries"]), _fmt(r.get("gain_remaining")),
+             _fmt(r.get("moat_verify_p_value")), r.get("verdict") or "–") for r in report["runs"]]
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
-    """The report as Markdown: one table of attacks, one of honest users, and how to read them."""
-    lines = [f"# moat evaluation: suite `{report['suite']}`", "",
-             f"Seed {report.get('seed')}, {report.get('seconds', 0):.0f} s in all. Score = agreement with the victim "
+    """The report as Markdown: the verdicts first, then one table of attacks, one of honest users, and how
+    to read them."""
+    lines = [f"# moat evaluation: suite `{report['suite']}`", "", "## Verdicts", "",
+             f"{VERDICT_NOTE.capitalize()}.", "", "| " + " | ".join(VERDICT_HEADER) + " |",
+             "|---|---|---|---:|---:|---:|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in verdict_rows(report)]
+    lines += ["", f"Seed {report.get('seed')}, {report.get('seconds', 0):.0f} s in all. Score = agreement with the victim "
              "(classifiers) or the stolen encoder's linear-probe downstream accuracy (encoders). "
              "Gain remaining = (defended − chance) / (undefended − chance). Fidelity (encoders): R² of a "
              "linear map from the copy's representation to the victim's on held-out images.", "",
@@ -102,8 +139,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 
 def summary(report: Mapping[str, Any]) -> str:
-    """A plain-text table: each attack's score without and with each defense (and the gain that
-    remains), then each honest user's utility without and with it, and whether it was flagged."""
+    """Plain-text tables: every run's verdict first, then each attack's score without and with each
+    defense (and the gain that remains), then each honest user's utility without and with it, and
+    whether it was flagged."""
     base = {(r["model"], r["attack"]): r for r in report["runs"] if r["defense"] == "none"}
     rows = [("model", "attack", "defense", "without moat", "with moat", "gain left", "flagged at")]
     for r in report["runs"]:
@@ -124,7 +162,9 @@ def summary(report: Mapping[str, Any]) -> str:
                          for line in lines)
 
     score_note = "score: agreement with the victim (classifiers), stolen linear-probe accuracy (encoders)"
-    return f"What a thief got ({score_note}):\n{table(rows)}\n\nWhat honest users kept:\n{table(users)}\n"
+    verdicts = table([VERDICT_HEADER, *verdict_rows(report)])
+    return (f"Verdicts ({VERDICT_NOTE}):\n{verdicts}\n\nWhat a thief got ({score_note}):\n{table(rows)}\n\n"
+            f"What honest users kept:\n{table(users)}\n")
 
 
 def _plot_curves(runs: Sequence[Mapping[str, Any]], model: str, path: Path) -> None:

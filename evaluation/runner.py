@@ -177,8 +177,10 @@ class Runner:
                 "flagged_after": monitor.flagged_after, "blocked_after": blocked,
                 "refused_after": result.refused_after,
                 "watermark_p_value": None if wm is None else wm["p_value"], "watermark": wm,
+                # The p-value the verdict judges by: `moat verify --config` of this copy on fresh probes.
                 "moat_verify_p_value": None if proof is None else proof["p_value"], "watermark_proof": proof,
                 "chance": p.chance, "seconds": round(seconds, 2), "seed": a.spec.seed,
+                "training": result.training,
                 "curve": [[int(q), self._metric(p, m)[key]] for q, m in result.curve],
                 "coverage": [[int(q), round(c, 3)] for q, c in monitor.coverage]}
 

@@ -7,6 +7,6 @@ from evaluation.attacks.base import (ATTACKS, Attack, AttackContext, AttackResul
                                      read_params)
 
 # Importing the attack modules registers them.
-from evaluation.attacks import classifier, encoder, fm_steal, wrappers  # noqa: E402,F401
+from evaluation.attacks import classifier, encoder, fm_steal, removal, wrappers  # noqa: E402,F401
 
 __all__ = ["ATTACKS", "Attack", "AttackContext", "AttackResult", "AttackSpec", "create_attack", "read_params"]

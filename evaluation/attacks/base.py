@@ -58,12 +58,15 @@ class AttackContext:
 class AttackResult:
     """``surrogate``: eval mode, float32 ``[B, C, H, W]`` -> logits ``[B, K]`` (classifier) or embeddings
     ``[B, D]`` (encoder). ``queries``: answered queries used; ``refused_after``: query index of the first
-    refusal, else None; ``curve``: optional ``(queries, surrogate snapshot)`` pairs for the plots."""
+    refusal, else None; ``curve``: optional ``(queries, surrogate snapshot)`` pairs for the plots;
+    ``training``: one dict per training run (``stage``, ``epochs``, ``best_epoch``, ``held_out``,
+    ``examples``; see :class:`~evaluation.attacks.training.FitReport`), for the report."""
 
     surrogate: torch.nn.Module
     queries: int
     refused_after: int | None
     curve: list[tuple[int, torch.nn.Module]] = field(default_factory=list)
+    training: list[dict[str, Any]] = field(default_factory=list)
 
 
 @runtime_checkable

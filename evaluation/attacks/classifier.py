@@ -2,7 +2,8 @@
 
 Each trains a :class:`~evaluation.attacks.thief.ThiefCNN` on the victim's answers, reached only through
 ``ctx.victim`` (the gateway). Queries go out in stages; after each stage the thief trains on everything
-answered so far (warm start) and a snapshot is kept for the metric-vs-queries curve. A refusal
+answered so far (warm start) until its agreement with a held-out tenth of its own answers stops improving
+(:mod:`evaluation.attacks.training`), and a snapshot is kept for the metric-vs-queries curve. A refusal
 (blocked, throttled) ends the querying and the thief trains on what it got.
 """
 
@@ -16,48 +17,61 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.attacks.base import ATTACKS, AttackContext, AttackResult, read_params
-from evaluation.attacks.thief import ThiefCNN, fit_images, query_all, snapshot, train_on_answers
+from evaluation.attacks.thief import ThiefCNN, fit_images, query_all, snapshot
+from evaluation.attacks.training import (SCHEDULE, FitReport, StopRule, flip_and_shift, refuse_epochs, run_staged,
+                                         train_on_answers)
 
 __all__ = ["Copycat", "Jbda", "Knockoff"]
 
-_TRAIN = {"stages": 4, "epochs": 3, "lr": 3e-3, "batch": 128, "width": 16, "chunk": 500, "augment": False}
+_TRAIN = {"stages": 4, "lr": 3e-3, "batch": 128, "width": 16, "chunk": 500, "augment": False, **SCHEDULE}
 
 
-def _stage_sizes(total: int, stages: int) -> list[int]:
-    """``total`` split into ``stages`` near-equal positive parts (fewer parts when total < stages)."""
-    stages = max(1, min(stages, total))
-    base, extra = divmod(total, stages)
-    return [base + (1 if i < extra else 0) for i in range(stages)]
+class _ThiefTrainer:
+    """What the ThiefCNN attacks share: reading the training params, a fresh copy, training it on answers
+    (:func:`~evaluation.attacks.training.train_on_answers`, early-stopped) and the staged attack loop.
+    ``new_copy`` and ``fit_copy`` are also what the removal wrappers (:mod:`evaluation.attacks.removal`)
+    train their second copies with."""
 
+    name = ""
+    soft_labels = False
 
-def _staged(ctx: AttackContext, p: Mapping[str, Any], seed: int, soft: bool, name: str,
-            pick: Callable[[int, int, torch.nn.Module], np.ndarray],
-            feedback: Callable[[np.ndarray, np.ndarray, torch.nn.Module], None] | None = None) -> AttackResult:
-    """Query ``pick(stage, n, model)`` images per stage, train, snapshot; returns the result."""
-    model = ThiefCNN(ctx.input_shape, ctx.num_outputs, width=p["width"])
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    curve: list[tuple[int, torch.nn.Module]] = []
-    used, refused_at = 0, None
-    for stage, n in enumerate(_stage_sizes(ctx.budget, p["stages"])):
-        qx, qy, refused = query_all(ctx.victim.query, pick(stage, n, model), chunk=p["chunk"],
-                                    progress=ctx.progress, desc=f"{name} queries")
-        if feedback is not None and len(qy):
-            feedback(qx, qy, model)
-        used += len(qy)
-        if refused and refused_at is None:
-            refused_at = used
-        if len(qy):
-            xs.append(qx)
-            ys.append(qy)
-        if xs:
-            train_on_answers(model, np.concatenate(xs), np.concatenate(ys), soft=soft, epochs=p["epochs"],
-                             lr=p["lr"], batch=p["batch"], seed=seed + stage, progress=ctx.progress,
-                             desc=f"{name} training", augment=p["augment"])
-        curve.append((used, snapshot(model)))
-        if refused:
-            break
-    return AttackResult(surrogate=model.eval(), queries=used, refused_after=refused_at, curve=curve)
+    def _read(self, params: Mapping[str, Any], defaults: Mapping[str, Any],
+              choices: Mapping[str, tuple[Any, ...]] | None = None) -> None:
+        refuse_epochs(self.name, params)
+        self.p = read_params(self.name, params, defaults, choices)
+        self.rule = StopRule.read(self.name, self.p)
+        for key in ("stages", "batch", "width", "chunk"):
+            if key in self.p and self.p[key] < 1:
+                raise ValueError(f"{self.name}.{key} must be >= 1, got {self.p[key]}")
+        if self.p["lr"] <= 0:
+            raise ValueError(f"{self.name}.lr must be > 0, got {self.p['lr']}")
+
+    def new_copy(self, ctx: AttackContext, seed: int | None = None) -> torch.nn.Module:
+        """A fresh ThiefCNN for ``ctx``'s input shape and classes, initialised from ``seed`` (the attack's)."""
+        torch.manual_seed(self.seed if seed is None else seed)
+        return ThiefCNN(ctx.input_shape, ctx.num_outputs, width=self.p["width"])
+
+    def fit_copy(self, model: torch.nn.Module, x: np.ndarray, answers: np.ndarray, *, soft: bool, seed: int,
+                 progress: bool, desc: str, lr: float | None = None) -> FitReport:
+        """Train ``model`` (warm start) on images float32 ``[N, C, H, W]`` and answers float32 ``[N, K]``
+        until its held-out agreement stops improving; ``lr`` overrides the attack's own."""
+        return train_on_answers(model, x, answers, soft=soft, rule=self.rule, lr=lr or self.p["lr"],
+                                batch=self.p["batch"], seed=seed, split_seed=self.seed,
+                                augment=flip_and_shift if self.p.get("augment") else None, progress=progress,
+                                desc=desc)
+
+    def _staged(self, ctx: AttackContext, pick: Callable[[int, int, torch.nn.Module], np.ndarray],
+                feedback: Callable[[np.ndarray, np.ndarray, torch.nn.Module], None] | None = None) -> AttackResult:
+        """Query ``pick(stage, n, model)`` images per stage, train after each (warm start), snapshot."""
+        model = self.new_copy(ctx)
+
+        def fit(x: np.ndarray, y: np.ndarray, stage: int) -> FitReport:
+            return self.fit_copy(model, x, y, soft=self.soft_labels, seed=self.seed + stage, progress=ctx.progress,
+                                 desc=f"{self.name} training")
+
+        return run_staged(ctx, model, self.p["stages"], self.p["chunk"], self.name,
+                          lambda stage, n: pick(stage, n, model), fit,
+                          None if feedback is None else lambda qx, qy: feedback(qx, qy, model))
 
 
 class _GradientBandit:
@@ -91,28 +105,28 @@ class _GradientBandit:
 
 
 @ATTACKS.register("knockoff")
-class Knockoff:
+class Knockoff(_ThiefTrainer):
     """KnockoffNets: Orekondy, Schiele, Fritz, "Knockoff Nets: Stealing Functionality of Black-Box
     Models", CVPR 2019. Samples the thief's pool at random or adaptively (a gradient bandit over the
     pool's categories, rewarded by the thief's loss on the victim's answer) and trains on soft
     (probabilities) or hard (argmax) answers.
 
     Params: ``sampling`` random|adaptive, ``labels`` hard|soft, ``bandit_lr``, and the training
-    params ``stages``, ``epochs`` (per stage), ``lr``, ``batch``, ``width``, ``chunk``, ``augment``.
+    params ``stages``, ``max_epochs``, ``patience``, ``val_fraction`` (per stage: see
+    :mod:`evaluation.attacks.training`), ``lr``, ``batch``, ``width``, ``chunk``, ``augment``.
     """
 
     name, kind = "knockoff", "classifier"
     DEFAULTS = {"sampling": "random", "labels": "hard", "bandit_lr": 2.0, **_TRAIN}
 
     def __init__(self, params: Mapping[str, Any], *, seed: int) -> None:
-        self.p = read_params(self.name, params, self.DEFAULTS,
-                             {"sampling": ("random", "adaptive"), "labels": ("hard", "soft")})
         self.seed = seed
+        self._read(params, self.DEFAULTS, {"sampling": ("random", "adaptive"), "labels": ("hard", "soft")})
+        self.soft_labels = self.p["labels"] == "soft"
 
     def run(self, ctx: AttackContext) -> AttackResult:
         rng = np.random.default_rng(self.seed)
         pool = fit_images(ctx.pool.images, ctx.input_shape)
-        soft = self.p["labels"] == "soft"
         if self.p["sampling"] == "random":
             order = rng.permutation(len(pool))
             if ctx.budget > len(pool):
@@ -123,7 +137,7 @@ class Knockoff:
                 cursor[0] += n
                 return pool[order[cursor[0] - n:cursor[0]]]
 
-            return _staged(ctx, self.p, self.seed, soft, self.name, pick)
+            return self._staged(ctx, pick)
         if ctx.pool.labels is None:
             raise ValueError("knockoff.sampling=adaptive needs a query pool with category labels")
         bandit = _GradientBandit(ctx.pool.labels, self.p["bandit_lr"], rng)
@@ -140,7 +154,7 @@ class Knockoff:
             rewards = -(target * logp).sum(1)
             bandit.update(last[0][:len(qy)], rewards / max(1e-8, float(rewards.std()) + 1.0))
 
-        return _staged(ctx, self.p, self.seed, soft, self.name, pick_adaptive, feedback)
+        return self._staged(ctx, pick_adaptive, feedback)
 
 
 def natural_crops(n: int, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -171,20 +185,21 @@ def natural_crops(n: int, shape: tuple[int, ...], rng: np.random.Generator) -> n
 
 
 @ATTACKS.register("copycat")
-class Copycat:
+class Copycat(_ThiefTrainer):
     """Copycat CNN: Correia-Silva et al., "Copycat CNN: Stealing Knowledge by Persuading Confession
     with Random Non-Labeled Data", IJCNN 2018. Queries random natural images from outside the
     problem domain (crops of scikit-image's photographs), optionally mixed with a fraction
-    ``problem_domain`` of the suite's pool, and trains on the hard labels."""
+    ``problem_domain`` of the suite's pool, and trains on the hard labels. Training params as
+    :class:`Knockoff`'s."""
 
     name, kind = "copycat", "classifier"
     DEFAULTS = {"problem_domain": 0.0, **_TRAIN}
 
     def __init__(self, params: Mapping[str, Any], *, seed: int) -> None:
-        self.p = read_params(self.name, params, self.DEFAULTS)
+        self.seed = seed
+        self._read(params, self.DEFAULTS)
         if not 0.0 <= self.p["problem_domain"] <= 1.0:
             raise ValueError(f"copycat.problem_domain must be in [0, 1], got {self.p['problem_domain']}")
-        self.seed = seed
 
     def run(self, ctx: AttackContext) -> AttackResult:
         rng = np.random.default_rng(self.seed)
@@ -198,30 +213,30 @@ class Copycat:
             cursor[0] += n
             return images[cursor[0] - n:cursor[0]]
 
-        return _staged(ctx, self.p, self.seed, False, self.name, pick)
+        return self._staged(ctx, pick)
 
 
 @ATTACKS.register("jbda")
-class Jbda:
+class Jbda(_ThiefTrainer):
     """Jacobian-based dataset augmentation: Papernot et al., "Practical Black-Box Attacks against
     Machine Learning", AsiaCCS 2017. A small labelled seed set grows each round by
     x' = clip(x + λ·sign(∇x F_sub(x)[ŷ])) with λ = ``step``·(−1)^⌊round/τ⌋ (doubling the set),
     hard labels; queries stop at the budget.
 
-    Params: ``seed_size``, ``rounds``, ``step``, ``tau``, ``epochs`` (per round), ``lr``, ``batch``,
-    ``width``, ``chunk``.
+    Params: ``seed_size``, ``rounds``, ``step``, ``tau``, ``max_epochs``, ``patience``, ``val_fraction``
+    (per round), ``lr``, ``batch``, ``width``, ``chunk``.
     """
 
     name, kind = "jbda", "classifier"
-    DEFAULTS = {"seed_size": 150, "rounds": 6, "step": 0.1, "tau": 3, "epochs": 10, "lr": 3e-3, "batch": 128,
-                "width": 16, "chunk": 500}
+    DEFAULTS = {"seed_size": 150, "rounds": 6, "step": 0.1, "tau": 3, "lr": 3e-3, "batch": 128, "width": 16,
+                "chunk": 500, **SCHEDULE}
 
     def __init__(self, params: Mapping[str, Any], *, seed: int) -> None:
-        self.p = read_params(self.name, params, self.DEFAULTS)
-        for key in ("seed_size", "rounds", "tau", "epochs"):
+        self.seed = seed
+        self._read(params, self.DEFAULTS)
+        for key in ("seed_size", "rounds", "tau"):
             if self.p[key] < 1:
                 raise ValueError(f"jbda.{key} must be >= 1, got {self.p[key]}")
-        self.seed = seed
 
     def _grow(self, model: torch.nn.Module, x: np.ndarray, labels: np.ndarray, lam: float) -> np.ndarray:
         xt = torch.from_numpy(np.ascontiguousarray(x)).requires_grad_(True)
@@ -234,15 +249,17 @@ class Jbda:
         p = self.p
         seed_x = fit_images(ctx.pool.images[rng.choice(len(ctx.pool), min(p["seed_size"], ctx.budget))],
                             ctx.input_shape)
-        model = ThiefCNN(ctx.input_shape, ctx.num_outputs, width=p["width"])
+        model = self.new_copy(ctx)
         x, y, refused = query_all(ctx.victim.query, seed_x, chunk=p["chunk"], progress=ctx.progress,
                                   desc="jbda queries")
         refused_at = len(y) if refused else None
         curve: list[tuple[int, torch.nn.Module]] = []
+        training: list[dict[str, Any]] = []
         for rnd in range(p["rounds"] + 1):
             if len(x):
-                train_on_answers(model, x, y, soft=False, epochs=p["epochs"], lr=p["lr"], batch=p["batch"],
-                                 seed=self.seed + rnd, progress=ctx.progress, desc="jbda training")
+                fit = self.fit_copy(model, x, y, soft=False, seed=self.seed + rnd, progress=ctx.progress,
+                                    desc="jbda training")
+                training.append({"stage": rnd + 1, **fit.as_dict()})
             curve.append((len(y), snapshot(model)))
             room = ctx.budget - len(y)
             if refused or rnd == p["rounds"] or room <= 0 or not len(x):
@@ -256,4 +273,5 @@ class Jbda:
                 x, y = np.concatenate([x, qx]), np.concatenate([y, qy])
             if refused and refused_at is None:
                 refused_at = len(y)
-        return AttackResult(surrogate=model.eval(), queries=len(y), refused_after=refused_at, curve=curve)
+        return AttackResult(surrogate=model.eval(), queries=len(y), refused_after=refused_at, curve=curve,
+                            training=training)

@@ -3,7 +3,8 @@
 Each queries images from the thief's pool through ``ctx.victim`` (the gateway), records the returned
 representations and trains its own encoder (:class:`~evaluation.attacks.thief.ThiefCNN` with
 ``ctx.num_outputs`` outputs) to reproduce them. Queries go out in stages; after each stage the copy trains
-on everything answered so far (warm start) and a snapshot is kept for the downstream-accuracy curve. A
+on everything answered so far (warm start) until its own loss on a held-out tenth of the answers stops
+falling (:mod:`evaluation.attacks.training`), and a snapshot is kept for the downstream-accuracy curve. A
 refusal (blocked, throttled) ends the querying and the copy trains on what it got.
 """
 
@@ -16,17 +17,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from evaluation.attacks.base import ATTACKS, AttackContext, AttackResult, read_params
-from evaluation.attacks.thief import ThiefCNN, fit_images, query_all, snapshot
+from evaluation.attacks.thief import ThiefCNN, fit_images
+from evaluation.attacks.training import (SCHEDULE, FitReport, StopRule, fit_until_stale, held_out_split,
+                                         refuse_epochs, run_staged)
 from evaluation.zoo_models import augment, nt_xent
 
 __all__ = ["ContSteal", "DirectExtraction", "StolenEncoder", "info_nce", "soft_nn", "stealing_loss"]
 
 #: ``loss(copy's representations [B, D], victim's answers [B, D]) -> scalar``
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-_TRAIN: dict[str, Any] = {"stages": 2, "epochs": 12, "lr": 3e-3, "batch": 128, "width": 16, "chunk": 500}
+_TRAIN: dict[str, Any] = {"stages": 2, "lr": 3e-3, "batch": 128, "width": 16, "chunk": 500, **SCHEDULE}
 
 
 def info_nce(copy: torch.Tensor, victim: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -59,12 +61,6 @@ def stealing_loss(name: str, temperature: float) -> Loss:
     raise ValueError(f"direct.loss must be one of ['mse', 'infonce', 'softnn'], got {name!r}")
 
 
-def _stage_sizes(total: int, stages: int) -> list[int]:
-    stages = max(1, min(stages, total))
-    base, extra = divmod(total, stages)
-    return [base + (1 if i < extra else 0) for i in range(stages)]
-
-
 class _EncoderAttack:
     """Shared querying and training; subclasses define :meth:`batch_loss`."""
 
@@ -74,8 +70,10 @@ class _EncoderAttack:
     CHOICES: dict[str, tuple[Any, ...]] = {}
 
     def __init__(self, params: Mapping[str, Any], *, seed: int) -> None:
+        refuse_epochs(self.name, params)
         self.p = read_params(self.name, params, self.DEFAULTS, self.CHOICES)
-        for key in ("stages", "epochs", "batch", "width", "chunk"):
+        self.rule = StopRule.read(self.name, self.p)
+        for key in ("stages", "batch", "width", "chunk"):
             if self.p[key] < 1:
                 raise ValueError(f"{self.name}.{key} must be >= 1, got {self.p[key]}")
         for key in ("lr", "temperature"):
@@ -89,58 +87,61 @@ class _EncoderAttack:
         raise NotImplementedError
 
     def run(self, ctx: AttackContext) -> AttackResult:
-        p, rng = self.p, np.random.default_rng(self.seed)
+        rng = np.random.default_rng(self.seed)
         pool = fit_images(ctx.pool.images, ctx.input_shape)
         order = rng.permutation(len(pool))
         if ctx.budget > len(pool):
             order = np.concatenate([order, rng.integers(len(pool), size=ctx.budget - len(pool))])
         torch.manual_seed(self.seed)
-        model = ThiefCNN(ctx.input_shape, ctx.num_outputs, width=p["width"])
-        xs: list[np.ndarray] = []
-        ys: list[np.ndarray] = []
-        curve: list[tuple[int, nn.Module]] = []
-        used, refused_at, start = 0, None, 0
-        for stage, n in enumerate(_stage_sizes(ctx.budget, p["stages"])):
-            qx, qy, refused = query_all(ctx.victim.query, pool[order[start:start + n]], chunk=p["chunk"],
-                                        progress=ctx.progress, desc=f"{self.name} queries")
-            start += n
-            used += len(qy)
-            if refused and refused_at is None:
-                refused_at = used
-            if len(qy):
-                xs.append(qx)
-                ys.append(qy)
-            if xs:
-                self._fit(model, np.concatenate(xs), np.concatenate(ys), stage, ctx.progress)
-            curve.append((used, snapshot(model)))
-            if refused:
-                break
-        return AttackResult(surrogate=model.eval(), queries=used, refused_after=refused_at, curve=curve)
+        model = ThiefCNN(ctx.input_shape, ctx.num_outputs, width=self.p["width"])
+        sent = [0]
 
-    def _fit(self, model: nn.Module, x: np.ndarray, y: np.ndarray, stage: int, progress: bool) -> None:
-        """AdamW with a one-cycle schedule on images float32 ``[N, C, H, W]`` and answers float32 ``[N, D]``."""
+        def pick(stage: int, n: int) -> np.ndarray:
+            sent[0] += n
+            return pool[order[sent[0] - n:sent[0]]]
+
+        def fit(x: np.ndarray, y: np.ndarray, stage: int) -> FitReport:
+            return self._fit(model, x, y, stage, ctx.progress)
+
+        return run_staged(ctx, model, self.p["stages"], self.p["chunk"], self.name, pick, fit)
+
+    def _fit(self, model: nn.Module, x: np.ndarray, y: np.ndarray, stage: int, progress: bool) -> FitReport:
+        """Train on images float32 ``[N, C, H, W]`` and answers float32 ``[N, D]`` (AdamW) until the
+        attack's own loss on a held-out part of the answers stops falling."""
         p = self.p
         gen = torch.Generator().manual_seed(self.seed + stage)
-        xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+        train, held = held_out_split(len(x), self.rule.val_fraction, self.seed)
+        xt, yt = (torch.from_numpy(np.ascontiguousarray(a[train])) for a in (x, y))
         batch = min(p["batch"], len(xt))
-        per_epoch = max(1, len(xt) // batch)
         opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=p["epochs"] * per_epoch,
-                                                    pct_start=0.2)
-        model.train()
-        with tqdm(total=p["epochs"] * per_epoch, desc=f"{self.name} training", unit="step", mininterval=1.0,
-                  disable=not progress, leave=False) as bar:
-            for _ in range(p["epochs"]):
-                perm = torch.randperm(len(xt), generator=gen)
-                for i in range(per_epoch):
-                    idx = perm[i * batch:(i + 1) * batch]
-                    loss = self.batch_loss(model, xt[idx], yt[idx], gen)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    bar.update(1)
-        model.eval()
+
+        def epoch() -> None:
+            perm = torch.randperm(len(xt), generator=gen)
+            for i in range(max(1, len(xt) // batch)):  # whole batches: contrastive losses compare within one
+                idx = perm[i * batch:(i + 1) * batch]
+                loss = self.batch_loss(model, xt[idx], yt[idx], gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+        def score() -> float:
+            return -self.held_out_loss(model, x[held], y[held])
+
+        return fit_until_stale(model, epoch, score if len(held) else None, self.rule, opt, examples=len(train),
+                               progress=progress, desc=f"{self.name} training")
+
+    @torch.no_grad()
+    def held_out_loss(self, model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+        """Mean :meth:`batch_loss` of ``model`` (eval mode) on held-out images float32 ``[N, C, H, W]`` and
+        answers ``[N, D]``, weighted by batch size. The batches and augmentations are the same every epoch,
+        so epochs compare like with like (a short last batch has fewer negatives, the same each time)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        total, count = 0.0, 0
+        for i in range(0, len(x), self.p["batch"]):
+            xb, yb = (torch.from_numpy(np.ascontiguousarray(a[i:i + self.p["batch"]])) for a in (x, y))
+            if len(xb) >= 2 or count == 0:
+                total, count = total + len(xb) * float(self.batch_loss(model, xb, yb, gen)), count + len(xb)
+        return total / count
 
 
 @ATTACKS.register("direct")
@@ -150,7 +151,8 @@ class DirectExtraction(_EncoderAttack):
     victim's representation of each queried image with ``loss`` ``mse`` | ``infonce`` | ``softnn``.
 
     Params: ``loss``, ``temperature`` (InfoNCE / SoftNN; default 0.1 / 0.5), and the training params
-    ``stages``, ``epochs`` (per stage), ``lr``, ``batch``, ``width``, ``chunk``.
+    ``stages``, ``max_epochs``, ``patience``, ``val_fraction`` (per stage), ``lr``, ``batch``, ``width``,
+    ``chunk``.
     """
 
     name = "direct"
@@ -178,8 +180,7 @@ class StolenEncoder(_EncoderAttack):
     (k) augmented views of each query reuse the victim's answer to the original, so augmentation costs
     no queries. Augmentations: random resized crop (``min_scale``), flip, brightness/contrast jitter.
 
-    Params: ``lam`` (λ), ``views`` (k), ``min_scale``, and the training params ``stages``, ``epochs``,
-    ``lr``, ``batch``, ``width``, ``chunk``.
+    Params: ``lam`` (λ), ``views`` (k), ``min_scale``, and the training params as :class:`DirectExtraction`'s.
     """
 
     name = "stolen-encoder"
@@ -207,7 +208,7 @@ class ContSteal(_EncoderAttack):
     (the copy's and the victim's) is a negative.
 
     Params: ``temperature``, ``min_scale`` (augmentation crop), ``augment`` (augment the copy's input),
-    and the training params ``stages``, ``epochs``, ``lr``, ``batch``, ``width``, ``chunk``.
+    and the training params as :class:`DirectExtraction`'s.
     """
 
     name = "cont-steal"

@@ -8,7 +8,7 @@ to pick the epoch whose copy agrees best with the victim. It reaches the victim 
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from evaluation.attacks.base import ATTACKS, AttackContext, AttackResult, read_params
-from evaluation.attacks.thief import fit_images, query_all
-from evaluation.zoo_models import fit_logits
+from evaluation.attacks.thief import fit_images
+from evaluation.attacks.training import SCHEDULE, FitReport, StopRule, flip, refuse_epochs, run_staged, train_on_answers
 
 __all__ = ["FMSteal", "BackboneThief", "load_backbone"]
 
@@ -89,31 +89,34 @@ def load_backbone(spec: str, checkpoint: str = "", *, channels: int = 1) -> tupl
 class FMSteal:
     """Foundation-model stealing: Raj, Varma, Arora, "Examining the Threat Landscape: Foundation Models
     and Model Stealing", BMVC 2024. The thief fine-tunes a copy of a public backbone on the victim's hard
-    labels; 90/10 train/validation split of the answered queries; the copy is judged by agreement.
+    labels; 90/10 train/validation split of the answered queries, the epoch that agrees best with the
+    validation answers is kept; the copy is judged by agreement.
 
     Params: ``backbone`` (zoo name, ``torchscript:PATH`` or ``timm:ARCH`` with ``checkpoint``),
-    ``input_size`` (resize for the backbone, 0 keeps the victim's size), ``val_fraction`` (0.1),
-    ``stages`` (query rounds; the copy is trained after each, warm start, and snapshotted for the curve),
-    ``epochs`` (per stage), ``lr``, ``batch``, ``optimizer`` (``adamw`` | ``sgd``: the paper's SGD with
-    momentum 0.9 and weight decay 5e-4), ``trunk_lr_scale`` (backbone lr / head lr), ``flip``
-    (horizontal-flip augmentation), ``chunk`` (images per query call), ``device`` (auto|cpu|cuda).
-    The paper's setting: ``optimizer: sgd, lr: 0.001, batch: 64, epochs: 100``; the defaults suit
-    small CPU runs.
+    ``input_size`` (resize for the backbone, 0 keeps the victim's size), ``stages`` (query rounds; the
+    copy is trained after each, warm start, and snapshotted for the curve), ``max_epochs``, ``patience``,
+    ``val_fraction`` (0.1; per stage, see :mod:`evaluation.attacks.training`), ``lr``, ``batch``,
+    ``optimizer`` (``adamw`` | ``sgd``: the paper's SGD with momentum 0.9 and weight decay 5e-4),
+    ``trunk_lr_scale`` (backbone lr / head lr), ``flip`` (horizontal-flip augmentation), ``chunk``
+    (images per query call), ``device`` (auto|cpu|cuda). The paper's setting: ``optimizer: sgd, lr:
+    0.001, batch: 64, max_epochs: 100, patience: 0`` (train every epoch, keep the best); its cosine
+    schedule is replaced by the shared rule (the learning rate halves after an epoch without
+    improvement). The defaults suit small CPU runs.
     """
 
     name, kind = "fm-steal", "classifier"
     DEFAULTS: dict[str, Any] = {"backbone": "public-backbone", "checkpoint": "", "input_size": 0,
-                                "val_fraction": 0.1, "stages": 2, "epochs": 6, "lr": 2e-3, "batch": 64,
-                                "optimizer": "adamw", "trunk_lr_scale": 1.0, "flip": True, "chunk": 500,
-                                "device": "auto"}
+                                "stages": 2, "lr": 2e-3, "batch": 64, "optimizer": "adamw",
+                                "trunk_lr_scale": 1.0, "flip": True, "chunk": 500, "device": "auto", **SCHEDULE}
 
     def __init__(self, params: Mapping[str, Any], *, seed: int) -> None:
+        refuse_epochs(self.name, params)
         self.p = read_params(self.name, params, self.DEFAULTS,
                              {"optimizer": ("adamw", "sgd"), "device": ("auto", "cpu", "cuda")})
         p = self.p
-        if not 0.0 <= p["val_fraction"] < 1.0:
-            raise ValueError(f"fm-steal.val_fraction must be in [0, 1), got {p['val_fraction']}")
-        for key in ("stages", "epochs", "batch", "chunk"):
+        self.rule = StopRule.read(self.name, p)
+        self.val_agreement: float | None = None
+        for key in ("stages", "batch", "chunk"):
             if p[key] < 1:
                 raise ValueError(f"fm-steal.{key} must be >= 1, got {p[key]}")
         if p["input_size"] < 0:
@@ -138,82 +141,58 @@ class FMSteal:
             raise ValueError("fm-steal.device is cuda but no CUDA device is available")
         return torch.device(want)
 
-    def build_thief(self, ctx: AttackContext) -> BackboneThief:
-        """The thief's network: the public backbone (a private copy) with a fresh head for ``ctx.num_outputs``."""
-        torch.manual_seed(self.seed)
+    def build_thief(self, ctx: AttackContext, seed: int | None = None) -> BackboneThief:
+        """The thief's network: the public backbone (a private copy) with a fresh head for ``ctx.num_outputs``,
+        initialised from ``seed`` (the attack's)."""
+        torch.manual_seed(self.seed if seed is None else seed)
         backbone, _, kw = load_backbone(self.p["backbone"], self.p["checkpoint"], channels=int(ctx.input_shape[0]))
         probe = BackboneThief(backbone, 1, 1, input_size=self.p["input_size"], **kw).eval()
         with torch.no_grad():
             dim = int(probe.backbone(probe.adapt(torch.zeros(2, *ctx.input_shape))).shape[1])
         return BackboneThief(backbone, dim, ctx.num_outputs, input_size=self.p["input_size"], **kw)
 
+    def new_copy(self, ctx: AttackContext, seed: int | None = None) -> BackboneThief:
+        """A fresh copy (:meth:`build_thief`, its head initialised from ``seed``) on the attack's device."""
+        return self.build_thief(ctx, seed).to(self._device())
+
     def run(self, ctx: AttackContext) -> AttackResult:
-        p, rng = self.p, np.random.default_rng(self.seed)
+        rng = np.random.default_rng(self.seed)
         pool = fit_images(ctx.pool.images, ctx.input_shape)
         order = rng.permutation(len(pool))
         if ctx.budget > len(pool):  # a pool smaller than the budget is reused (duplicates cost queries too)
             order = np.concatenate([order, rng.integers(len(pool), size=ctx.budget - len(pool))])
-        model = self.build_thief(ctx).to(self._device())
-        xs: list[np.ndarray] = []
-        labels: list[np.ndarray] = []
-        curve: list[tuple[int, nn.Module]] = []
-        used, refused_at, start = 0, None, 0
-        for stage, n in enumerate(_stage_sizes(ctx.budget, p["stages"])):
-            qx, qy, refused = query_all(ctx.victim.query, pool[order[start:start + n]], chunk=p["chunk"],
-                                        progress=ctx.progress, desc="fm-steal queries")
-            start += n
-            used += len(qy)
-            if refused and refused_at is None:
-                refused_at = used
-            if len(qy):
-                xs.append(qx)
-                labels.append(qy.argmax(1).astype(np.int64))  # hard labels only
-            if xs:
-                self._fit(model, np.concatenate(xs), np.concatenate(labels), stage, ctx.progress)
-            curve.append((used, _snapshot(model)))
-            if refused:
-                break
-        return AttackResult(surrogate=model.cpu().eval(), queries=used, refused_after=refused_at, curve=curve)
+        model = self.new_copy(ctx)
+        sent = [0]
 
-    def _fit(self, model: BackboneThief, x: np.ndarray, y: np.ndarray, stage: int, progress: bool) -> None:
-        """Fine-tune on 90% of the answered queries; keep the epoch with the best agreement on the other 10%."""
-        p = self.p
-        perm = np.random.default_rng(self.seed + 1000 + stage).permutation(len(x))
-        n_val = int(round(len(x) * p["val_fraction"])) if len(x) >= 10 else 0
-        val, train = perm[:n_val], perm[n_val:]
-        xv = torch.from_numpy(np.ascontiguousarray(x[val]))
-        best = {"agreement": -1.0, "state": None}
+        def pick(stage: int, n: int) -> np.ndarray:
+            sent[0] += n
+            return pool[order[sent[0] - n:sent[0]]]
 
-        def validate(epoch: int) -> None:
-            if not n_val:
-                return
-            device = next(model.parameters()).device
-            with torch.no_grad():
-                pred = torch.cat([model(xv[i:i + 500].to(device)).argmax(1).cpu() for i in range(0, n_val, 500)])
-            agreement = float((pred.numpy() == y[val]).mean())
-            if agreement > best["agreement"]:
-                best["agreement"] = agreement
-                best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        def fit(x: np.ndarray, y: np.ndarray, stage: int) -> FitReport:
+            report = self.fit_copy(model, x, y, soft=False, seed=self.seed + stage, progress=ctx.progress,
+                                   desc=f"fm-steal stage {stage + 1}")
+            self.val_agreement = report.held_out
+            return report
 
-        fit_logits(model, model, x[train], y[train], epochs=p["epochs"], batch=p["batch"], lr=p["lr"],
-                   trunk=list(model.backbone.parameters()), trunk_lr_scale=p["trunk_lr_scale"],
-                   optimizer=p["optimizer"], weight_decay=5e-4 if p["optimizer"] == "sgd" else 1e-4,
-                   flip=p["flip"], seed=self.seed + stage, progress=progress, desc=f"fm-steal stage {stage + 1}",
-                   on_epoch=validate)
-        if best["state"] is not None:
-            model.load_state_dict(best["state"])
-        self.val_agreement = best["agreement"] if n_val else None
+        result = run_staged(ctx, model, self.p["stages"], self.p["chunk"], self.name, pick, fit)
+        return dataclasses.replace(result, surrogate=model.cpu().eval())
 
-
-def _snapshot(model: nn.Module) -> nn.Module:
-    """A frozen CPU copy in eval mode. Copied under no_grad: a deep copy of a TorchScript backbone made with
-    grad enabled has non-leaf parameters."""
-    with torch.no_grad():
-        return copy.deepcopy(model).cpu().eval()
-
-
-def _stage_sizes(total: int, stages: int) -> list[int]:
-    """``total`` split into ``stages`` near-equal positive parts (fewer parts when total < stages)."""
-    stages = max(1, min(stages, total))
-    base, extra = divmod(total, stages)
-    return [base + (1 if i < extra else 0) for i in range(stages)]
+    def fit_copy(self, model: nn.Module, x: np.ndarray, answers: np.ndarray, *, soft: bool, seed: int,
+                 progress: bool, desc: str, lr: float | None = None) -> FitReport:
+        """Fine-tune ``model`` (moved to the attack's device) on images float32 ``[N, C, H, W]`` and the
+        argmax of answers float32 ``[N, K]`` (hard labels only, as the paper: ``soft`` is ignored) until
+        its agreement with the held-out ``val_fraction`` stops improving; ``lr`` overrides the attack's."""
+        p, lr = self.p, lr or self.p["lr"]
+        model.to(self._device())
+        trunk = {id(q) for q in model.backbone.parameters()}
+        for q in model.backbone.parameters():
+            q.requires_grad_(p["trunk_lr_scale"] > 0)
+        groups = [{"params": [q for q in model.parameters() if id(q) not in trunk], "lr": lr}]
+        if p["trunk_lr_scale"] > 0:
+            groups.append({"params": list(model.backbone.parameters()), "lr": lr * p["trunk_lr_scale"]})
+        opt: torch.optim.Optimizer = (
+            torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4) if p["optimizer"] == "sgd"
+            else torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4))
+        return train_on_answers(model, x, answers, soft=False, rule=self.rule, batch=p["batch"], seed=seed,
+                                split_seed=self.seed + 1000, augment=flip if p["flip"] else None,
+                                optimizer=opt, progress=progress, desc=desc)

@@ -1,5 +1,5 @@
-"""Shared pieces of the classifier attacks: the thief's network, training on the victim's answers,
-query-pool sampling and image reshaping. Everything is seeded; training loops show tqdm progress.
+"""Shared pieces of the attacks: the thief's network, querying the victim in chunks, image reshaping and
+snapshots for the curves. How a thief trains is :mod:`evaluation.attacks.training`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["ThiefCNN", "fit_images", "query_all", "snapshot", "train_on_answers"]
+__all__ = ["ThiefCNN", "fit_images", "query_all", "snapshot"]
 
 
 class ThiefCNN(nn.Module):
@@ -38,8 +38,10 @@ class ThiefCNN(nn.Module):
 
 
 def snapshot(model: nn.Module) -> nn.Module:
-    """A frozen copy of ``model`` in eval mode (for the metric-vs-queries curve)."""
-    return copy.deepcopy(model).eval()
+    """A frozen CPU copy of ``model`` in eval mode (for the metric-vs-queries curve). Copied under no_grad:
+    a deep copy of a TorchScript part made with grad enabled has non-leaf parameters."""
+    with torch.no_grad():
+        return copy.deepcopy(model).cpu().eval()
 
 
 def fit_images(images: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -85,48 +87,3 @@ def query_all(query: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *, chunk
     if not got_x:
         return x[:0], np.zeros((0, 0), np.float32), refused
     return np.concatenate(got_x), np.concatenate(got_y), refused
-
-
-def train_on_answers(model: nn.Module, x: np.ndarray, answers: np.ndarray, *, soft: bool, epochs: int,
-                     lr: float = 3e-3, batch: int = 128, seed: int = 0, progress: bool = True,
-                     desc: str = "thief", augment: bool = False) -> nn.Module:
-    """Train ``model`` (logits) on images float32 ``[N, C, H, W]`` and victim answers float32 ``[N, K]``:
-    cross-entropy on ``argmax(answers)`` (hard) or on the answer distribution (soft). AdamW with a
-    one-cycle schedule; ``augment`` adds random flips and 2-pixel shifts. Returns ``model`` in eval mode."""
-    if len(x) == 0:
-        return model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    yt = torch.from_numpy(np.ascontiguousarray(answers, dtype=np.float32))
-    if soft:
-        yt = yt.clamp_min(0)
-        yt = yt / yt.sum(1, keepdim=True).clamp_min(1e-8)
-    else:
-        yt = yt.argmax(1)
-    per_epoch = max(1, (len(xt) + batch - 1) // batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * per_epoch, pct_start=0.2)
-    model.train()
-    with tqdm(total=epochs * per_epoch, desc=desc, unit="step", mininterval=1.0, disable=not progress,
-              leave=False) as bar:
-        for _ in range(epochs):
-            perm = torch.randperm(len(xt), generator=gen)
-            for i in range(0, len(xt), batch):
-                idx = perm[i:i + batch]
-                xb = _augment(xt[idx], gen) if augment else xt[idx]
-                loss = F.cross_entropy(model(xb), yt[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(1)
-    return model.eval()
-
-
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips and integer shifts of up to 2 pixels, per batch ``[B, C, H, W]``."""
-    flip = torch.rand(len(x), generator=gen) < 0.5
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-    dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
-    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))

@@ -22,7 +22,7 @@ from tests.servers.procs import REPO
 FASHION = {"dataset": "fashion-mnist", "split": "train", "start": 0, "n": 3000}
 TEST = {"dataset": "fashion-mnist", "split": "test", "start": 0, "n": 500}
 OWN = {"dataset": "fashion-mnist", "split": "test", "start": 500, "n": 2000}
-FAST = {"stages": 1, "epochs": 1}
+FAST = {"stages": 1, "max_epochs": 1}
 
 
 def evaluate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -34,9 +34,9 @@ def evaluate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def toy_suite(path: Path, backbone: Path) -> Path:
     classifier_attacks = [
         {"name": "knockoff", "budget": 2000, "params": {"sampling": "adaptive", "labels": "soft", "stages": 2,
-                                                         "epochs": 2}},
+                                                         "max_epochs": 2}},
         {"name": "fm-steal", "budget": 300, "params": {"backbone": f"torchscript:{backbone}", **FAST}},
-        {"name": "jbda", "budget": 200, "params": {"seed_size": 50, "rounds": 2, "epochs": 1}},
+        {"name": "jbda", "budget": 200, "params": {"seed_size": 50, "rounds": 2, "max_epochs": 1}},
         {"name": "copycat", "budget": 200, "params": FAST},
         {"name": "sybil", "budget": 300, "params": {"attack": "knockoff", "attack_params": FAST, "keys": 2}},
         {"name": "averaging", "budget": 300, "params": {"attack": "knockoff", "attack_params": FAST, "repeats": 3,

@@ -24,11 +24,14 @@ def test_registered_with_defaults() -> None:
 
 
 @pytest.mark.parametrize(("params", "field"), [
-    ({"val_fraction": 1.0}, "fm-steal.val_fraction"),
+    ({"val_fraction": 0.6}, "fm-steal.val_fraction"),
     ({"optimizer": "rmsprop"}, "fm-steal.optimizer"),
     ({"device": "tpu"}, "fm-steal.device"),
     ({"stages": 0}, "fm-steal.stages"),
-    ({"epochs": 2.5}, "fm-steal.epochs"),
+    ({"max_epochs": 2.5}, "fm-steal.max_epochs"),
+    ({"max_epochs": 0}, "fm-steal.max_epochs"),
+    ({"patience": -1}, "fm-steal.patience"),
+    ({"epochs": 4}, "fm-steal.epochs: thieves train until"),
     ({"input_size": -1}, "fm-steal.input_size"),
     ({"lr": 0}, "fm-steal.lr"),
     ({"backbone": "no-such-model"}, "fm-steal.backbone"),
@@ -83,7 +86,7 @@ def test_steals_through_gateway_on_hard_labels(victim: tuple[str, torch.nn.Modul
     url, model, backbone_path = victim
     torch.set_num_threads(1)
     ctx = _ctx(url, API_KEY, budget=800)
-    attack = create_attack("fm-steal", {"backbone": f"torchscript:{backbone_path}", "stages": 2, "epochs": 6,
+    attack = create_attack("fm-steal", {"backbone": f"torchscript:{backbone_path}", "stages": 2, "max_epochs": 6,
                                         "chunk": 200}, seed=0)
     result = attack.run(ctx)
     assert result.queries == 800 == ctx.victim.queries and result.refused_after is None
@@ -103,7 +106,7 @@ def test_steals_through_gateway_on_hard_labels(victim: tuple[str, torch.nn.Modul
 
 def test_same_seed_same_copy(victim: tuple[str, torch.nn.Module, Path]) -> None:
     url, _, backbone_path = victim
-    params = {"backbone": f"torchscript:{backbone_path}", "stages": 1, "epochs": 2}
+    params = {"backbone": f"torchscript:{backbone_path}", "stages": 1, "max_epochs": 2}
     outs = [embed(create_attack("fm-steal", params, seed=5).run(_ctx(url, API_KEY, 300)).surrogate,
                   load_fashion_mnist("test").images[:200]) for _ in range(2)]
     np.testing.assert_array_equal(outs[0], outs[1])

@@ -1,5 +1,5 @@
 """The report: the schema issue 5 lists, gain remaining and utility loss computed from the undefended
-entries, Markdown tables and PNG plots written."""
+entries, every run's verdict, Markdown tables (the verdicts first) and PNG plots written."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.report import BENIGN_FIELDS, RUN_FIELDS, finalize, write_report
+from evaluation.report import BENIGN_FIELDS, RUN_FIELDS, finalize, summary, verdict, write_report
 
 
 def run(attack: str, defense: str, agreement: float | None, kind: str = "classifier", **extra) -> dict:
     row = {"model": "m", "kind": kind, "attack": attack, "defense": defense, "queries": 1000, "api_keys": 1,
            "victim_accuracy": 0.9, "agreement": agreement, "stolen_accuracy": agreement,
            "victim_downstream_accuracy": None, "stolen_downstream_accuracy": None, "flagged_after": None,
-           "blocked_after": None, "watermark_p_value": None, "seconds": 1.0, "chance": 0.1,
+           "blocked_after": None, "watermark_p_value": None, "moat_verify_p_value": None, "seconds": 1.0, "chance": 0.1,
            "curve": [[500, 0.5], [1000, agreement]], "coverage": []}
     row.update(extra)
     return row
@@ -78,3 +78,35 @@ def test_write_report_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert "| m | knockoff | default | 1000 | 1 | 90.0% | 50.0% | 50.0% | – | 0.500 | 400 |" in md
     assert "| m | shoes | classes [5, 7] | default | 100 | 95.5% | 96.0% | -0.5 | no |" in md
+    # the verdict table comes first: model, attack, defense, queries, gain left, watermark p, verdict
+    assert md.index("## Verdicts") < md.index("## What a thief got")
+    assert "| m | knockoff | default | 1000 | 0.500 | – | neither |" in md
+    assert data["runs"][1]["verdict"] == "neither" and "moat_verify_p_value" in data["runs"][1]
+
+
+@pytest.mark.parametrize(("gain", "p", "expected"), [
+    (0.2, None, "stopped"),       # at most a fifth of the gain left
+    (0.21, 0.5, "neither"),
+    (-0.1, 1e-7, "both"),
+    (1.0, 9.9e-7, "caught"),
+    (1.0, 1e-6, "neither"),       # the bar is strictly below 1e-6
+    (None, 1e-9, "caught"),       # an undefended run, or a thief that got nothing anyway, can only be caught
+    (None, None, "neither"),
+])
+def test_verdict_from_gain_left_and_the_moat_verify_p_value(gain: float | None, p: float | None,
+                                                             expected: str) -> None:
+    assert verdict(gain, p) == expected
+
+
+def test_every_run_gets_a_verdict_and_the_summary_leads_with_them() -> None:
+    data = sample()
+    data["runs"][1]["agreement"] = 0.2  # gain left (0.2 - 0.1) / (0.9 - 0.1) = 0.125: stopped
+    data["runs"][1]["moat_verify_p_value"] = 1e-9
+    data["runs"][2]["moat_verify_p_value"] = 1e-9  # no undefended twin: no gain, but caught
+    report = finalize(data)
+    assert [r["verdict"] for r in report["runs"]] == ["neither", "both", "caught"]
+    text = summary(report)
+    assert text.startswith("Verdicts (")
+    header, *rows = text.split("\n\n")[0].splitlines()[1:]
+    assert header.split() == ["model", "attack", "defense", "queries", "gain", "left", "watermark", "p", "verdict"]
+    assert rows[1].split() == ["m", "knockoff", "default", "1000", "0.125", "1e-09", "both"]
