@@ -249,6 +249,9 @@ def jbda_attack_queries(classifier: torch.jit.ScriptModule, budget: int = 2400) 
 
     train = load_fashion_mnist("train")
     pool = ImageDataset(train.images[:50000], None, train.classes)
+    # The substitute's initialisation and training, hence the stream, are then the same every run.
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
     ctx = AttackContext(victim=Recorder(), kind="classifier", input_shape=(1, 28, 28), num_outputs=10,  # type: ignore[arg-type]
                         budget=budget, seed=0, progress=False, pool=pool, eval_x=train.images[:1])
     Jbda({"seed_size": 150, "rounds": 4, "epochs": 3}, seed=0).run(ctx)
