@@ -121,18 +121,18 @@ class PradaDetector:
       measures every query, and a client re-sending its own images (a retry, a second pass over a
       test set) adds distances of ~0 that drag W down: on the demo classifier, 300 test images and
       then the first 2,000 were flagged at 500 queries, ten passes over 1,000 at 1,500 (W 0.57);
-      with repeats left out neither is (W 0.98 at the end, above 0.93 at every test). Against G_c alone,
-      a repeat of a query that did not join G_c adds its distance again, every pass weights the
-      lower tail (d <= thr_c) once more, and W falls with the passes (0.95 after ten): hence
+      with repeats left out neither is (W 0.98 at the end, above 0.93 at every test). Against G_c
+      alone, a repeat of a query that did not join G_c adds its distance again, every pass weights
+      the lower tail (d <= thr_c) once more, and W falls with the passes (0.95 after ten): hence
       ``seen/<c>``. A repeat is no evidence either way, so repeats interleaved in a synthetic
       stream only delay its flag by the queries they add (JBDA, 2,400 queries: W 0.87 with or
-      without as many repeats). The tolerance is far below the distances the test is about:
-      natural Fashion-MNIST test images lie >= 10% of their norm from their nearest neighbour (all
-      but 2 of 10,000 are >= 5%), JBDA's steps of 0.1 >= 12%, while re-encoding an image stays
-      under it (uint8: <= 0.3%). The cost to the thief: queries within 2% of one it already sent
-      are invisible to PRADA, and tell it next to nothing new; since they are not stored, a walk
-      of such small steps is measured once it is 2% away from everything stored. Repeats of
-      queries that have left both windows count as new queries, as any query does.
+      without as many repeats). The tolerance is far below the distances the test is about: 99.9%
+      of the Fashion-MNIST test images lie >= 10% of their norm from their nearest neighbour (all
+      but 2 of 10,000 >= 5%), JBDA's steps of 0.1 >= 12%, while re-encoding an image stays under
+      it (uint8: <= 0.3%). What a thief gains: queries within 2% of one it sent before are
+      invisible to PRADA, but their answers tell it next to nothing new, and since they are not
+      stored, a walk of such small steps is measured once it is 2% away from everything stored.
+      Repeats of queries that have left both windows count as new queries, as any query does.
     """
 
     name = "prada"

@@ -1,5 +1,6 @@
 """PRADA and misinformation on the demo classifier through the gateway: a JBDA-style synthetic
-stream is flagged and then answered with wrong labels; natural traffic is neither."""
+stream is flagged and then answered with wrong labels; natural traffic is neither, even when the
+client sends some of its images again."""
 
 from __future__ import annotations
 
@@ -64,6 +65,20 @@ def test_natural_traffic_is_not_flagged_and_keeps_its_accuracy(gateway: Proc) ->
     images, labels = test.images[:5000], test.labels[:5000]
     answers = query(gateway, CLASSIFIER, "frank", images, batch=100)
     state = model_state(gateway, "frank", CLASSIFIER)
+    assert state["status"] == "ok", state
+    assert state["figures"]["prada.shapiro_w"] >= 0.9, state["figures"]
+    through_gateway = float((answers.argmax(1) == labels).mean())
+    clean = float((_clean_predictions(images) == labels).mean())
+    assert through_gateway >= clean - 0.005, (through_gateway, clean)
+
+
+def test_a_client_resending_its_images_is_not_flagged_and_keeps_its_accuracy(gateway: Proc) -> None:
+    """Issue 24: 300 test images, then the first 2,000 of the same set (the 300 again among them)."""
+    test = load_fashion_mnist("test")
+    images = np.concatenate([test.images[7000:7300], test.images[7000:9000]])
+    labels = np.concatenate([test.labels[7000:7300], test.labels[7000:9000]])
+    answers = query(gateway, CLASSIFIER, "grace", images, batch=100)
+    state = model_state(gateway, "grace", CLASSIFIER)
     assert state["status"] == "ok", state
     assert state["figures"]["prada.shapiro_w"] >= 0.9, state["figures"]
     through_gateway = float((answers.argmax(1) == labels).mean())
