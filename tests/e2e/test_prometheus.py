@@ -213,8 +213,9 @@ def test_every_dashboard_query_returns_data(stack: tuple[Proc, PrometheusServer]
             if not values or all(math.isnan(v) for v in values):
                 empty.append((panel["title"], expr))
             checked += 1
-    # Each demo model's watermark is in force; nothing counts marked answers one request at a time.
-    assert 'moat_watermark{model="fashion-encoder",watermark="region-shift"} 1.0' in exposition
-    assert "moat_watermarked_answers_total{" not in exposition
+    # Each demo model's watermark is in force, and the encoder's direction watermark marked some of
+    # the thief's answers.
+    assert 'moat_watermark{model="fashion-encoder",watermark="direction"} 1.0' in exposition
+    assert "moat_watermarked_answers_total{" in exposition
     assert empty == []
     assert checked >= 20

@@ -1,5 +1,5 @@
 """``moat verify --config`` end to end: the demo gateway with its full default protection (B4B's
-per-key transform and noise, and the region-shift watermark); a thief that bought 8,000 embeddings
+per-key transform and noise) and the region-shift watermark on the encoder; a thief that bought 8,000 embeddings
 through it and fitted a copy is proven `stolen` on 20,000 fresh probes (images it never sent); an
 encoder distilled from the clean victim without the gateway, and the clean victim itself, are
 `not-proven`; bad invocations (and a model whose watermark keeps evidence instead) exit 2 naming
@@ -30,11 +30,17 @@ def _mse_copy(x: np.ndarray, targets: np.ndarray, seed: int) -> torch.jit.Script
     return fit_copy(FashionEncoder, x, targets, lambda m, xb, tb: F.mse_loss(m(xb), tb), EPOCHS, seed)
 
 
+def _region_shift(data: dict) -> None:
+    """The demo protection, with the encoder's watermark the rule one (the demo default keeps evidence)."""
+    encoder = next(m for m in data["models"] if m["name"] == ENCODER)
+    encoder["watermark"] = {"name": "region-shift", "params": {"bits": 8, "rate": 0.25, "strength": 1.0}}
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("verify-probes")
     state = {"name": "sqlite", "params": {"path": str(tmp / "state.db")}}
-    config = protected_config(tmp / "gateway.yaml", state)
+    config = protected_config(tmp / "gateway.yaml", state, edit=_region_shift)
     proc = start_gateway(config, tmp)
     proc.info["config"], proc.info["tmp"] = config, tmp
     yield proc

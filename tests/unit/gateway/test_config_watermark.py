@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from defenses.region_shift import RegionShift
-from defenses.watermark import DAWN
+from defenses.watermark import DAWN, Direction
 from gateway.config import ComponentConfig, parse_config
 from gateway.errors import ConfigError
 from gateway.tiers import build_tier, build_watermark
@@ -30,12 +29,12 @@ def _parsed(change=None):
 def test_demo_models_carry_their_watermarks() -> None:
     classifier, encoder = _parsed().models
     assert classifier.watermark == ComponentConfig("dawn", {"rate": 0.005, "max_evidence": 10000})
-    assert encoder.watermark == ComponentConfig("region-shift", {"bits": 8, "rate": 0.25, "strength": 1.0})
+    assert encoder.watermark == ComponentConfig("direction", {"rate": 0.005, "max_evidence": 10000})
     standard = _parsed().tier("standard")
     assert standard.watermark is True
     assert isinstance(build_watermark(classifier, standard, "models[0]", SECRET), DAWN)
     built = build_watermark(encoder, standard, "models[1]", SECRET)
-    assert isinstance(built, RegionShift) and built.rate == 0.25 and built.strength == 1.0
+    assert isinstance(built, Direction) and built.rate == 0.005 and built.max_evidence == 10000
 
 
 def test_absent_or_null_watermark_is_none() -> None:
@@ -57,7 +56,7 @@ def test_tier_switches_watermarks_off_and_trusted_tiers_skip_them() -> None:
     store = create_store("memory", {})
     assert build_tier(config.models[1], internal, "models[1]", store, SECRET).watermark is None
     assert isinstance(build_tier(config.models[1], config.tier("standard"), "models[1]", store, SECRET).watermark,
-                      RegionShift)
+                      Direction)
 
 
 @pytest.mark.parametrize(("change", "field", "problem"), [

@@ -20,7 +20,7 @@ def _images(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.round(rng.random((n, 1, 28, 28), dtype=np.float32) * 255) / np.float32(255)  # 8-bit
 
 
-@pytest.mark.parametrize("model", ["fashion-classifier"])  # the encoder's defenses read answers only
+@pytest.mark.parametrize("model", ["fashion-classifier", "fashion-encoder"])
 @pytest.mark.parametrize("status", ["ok", "flagged"])
 def test_an_answer_defended_with_queries_pooled_ahead_is_the_same(model: str, status: str) -> None:
     protection = demo_protection(model, create_store("memory", {}))
@@ -36,7 +36,7 @@ def test_an_answer_defended_with_queries_pooled_ahead_is_the_same(model: str, st
         drawn = draw(size)
         batch = QueryBatch(drawn.model, drawn.kind, _images(rng, size), drawn.outputs, embeddings=drawn.embeddings)
         pooled = protection.pool_queries(caller, batch.inputs)
-        assert pooled is not None  # DAWN codes every query
+        assert pooled is not None  # both demo models have a watermark that codes every query
         ahead, marked_ahead = protection.defend(caller, batch, snapshot, pooled)
         alone, marked_alone = protection.defend(caller, batch, snapshot)
         assert ahead.tobytes() == alone.tobytes()
@@ -50,17 +50,17 @@ def test_an_answer_defended_with_queries_pooled_ahead_is_the_same(model: str, st
 def test_nothing_is_pooled_where_no_defense_codes_queries_or_the_queries_are_no_images(tmp_path: Path) -> None:
     caller, image = Client("alice"), np.zeros((1, 1, 28, 28), np.float32)
     protection = demo_protection("fashion-encoder", create_store("memory", {}))
-    assert protection.pool_queries(caller, image) is None  # b4b and region-shift read answers, not queries
+    assert protection.pool_queries(caller, image) is not None  # its direction watermark codes queries
+    assert protection.pool_queries(caller, np.zeros(3, np.float32)) is None  # [B]: no image to pool
     config = yaml.safe_load(DEMO_CONFIG.read_text())
     config["auth"] = {"keys_file": str(DEMO_CONFIG.parent / "demo-keys.yaml"),
                       "server_secret_file": str(DEMO_CONFIG.parent / "demo-secret")}
     encoder = next(m for m in config["models"] if m["name"] == "fashion-encoder")
-    encoder["watermark"] = {"name": "direction", "params": {"rate": 0.005}}  # codes every query
+    del encoder["watermark"]  # b4b alone: it codes answers, not queries
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     monkeypatch = pytest.MonkeyPatch()
     with monkeypatch.context() as patch:
         patch.setattr("evaluation.bench.components.DEMO_CONFIG", path)
-        coding = demo_protection("fashion-encoder", create_store("memory", {}))
-    assert coding.pool_queries(caller, image) is not None
-    assert coding.pool_queries(caller, np.zeros(3, np.float32)) is None  # [B]: no image to pool
+        unwatermarked = demo_protection("fashion-encoder", create_store("memory", {}))
+    assert unwatermarked.pool_queries(caller, image) is None
