@@ -8,14 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from evaluation.attacks.base import AttackContext
 from evaluation.attacks.classifier import Jbda
 from evaluation.data import ImageDataset, load_fashion_mnist
 from evaluation.zoo import load_victim
-from tests.unit.detectors.test_algorithms import flagged_after, prada_verdicts, sqlite_store, with_repeats
+from tests.unit.detectors.test_algorithms import assert_flagged_also_with_repeats
 
 
 class Recorder:
@@ -50,17 +49,4 @@ def test_prada_flags_the_jbda_attacks_stream_also_with_repeats_interleaved(tmp_p
     classifier = load_victim("fashion-classifier")
     attack = jbda_attack_queries(classifier)
     assert len(np.unique(attack.reshape(len(attack), -1), axis=0)) == len(attack) == 2400
-    runs = {}
-    for name, stream in (("jbda attack", attack), ("jbda attack with repeats", with_repeats(attack))):
-        store = sqlite_store(tmp_path, name.replace(" ", "-"))
-        try:
-            runs[name] = prada_verdicts(classifier, stream, store)
-        finally:
-            store.close()
-        verdict = runs[name][-1]
-        print(f"\nPRADA, {name} ({len(stream)} queries): W final {verdict.figures['shapiro_w']:.3f}, "
-              f"flagged after {flagged_after(runs[name])}, {verdict.figures['samples']:.0f} distances")
-        assert verdict.alert and verdict.figures["shapiro_w"] < 0.9
-    plain, mixed = runs["jbda attack"][-1].figures, runs["jbda attack with repeats"][-1].figures
-    assert mixed["shapiro_w"] == pytest.approx(plain["shapiro_w"], abs=0.02)
-    assert flagged_after(runs["jbda attack with repeats"]) <= 2 * flagged_after(runs["jbda attack"])
+    assert_flagged_also_with_repeats(classifier, attack, tmp_path, "jbda attack")

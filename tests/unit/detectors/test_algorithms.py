@@ -253,18 +253,24 @@ def test_prada_flags_jbda_also_with_repeats_interleaved(tmp_path: Path) -> None:
     classifier = load_victim("fashion-classifier")
     test = load_fashion_mnist("test")
     seed_images = np.array(test.images[np.random.default_rng(1).permutation(len(test))[:100]])
-    attack = jbda_stream(classifier, seed_images, rounds=5)
+    assert_flagged_also_with_repeats(classifier, jbda_stream(classifier, seed_images, rounds=5), tmp_path, "jbda")
+
+
+def assert_flagged_also_with_repeats(classifier: torch.jit.ScriptModule, attack: np.ndarray, tmp_path: Path,
+                                     name: str) -> None:
+    """PRADA flags the synthetic stream ``attack`` float32 [N, 1, 28, 28] alone and with repeats
+    interleaved (:func:`with_repeats`), with about the same W and at most twice as late."""
     runs = {}
-    for name, stream in (("jbda", attack), ("jbda with repeats", with_repeats(attack))):
-        store = sqlite_store(tmp_path, name.replace(" ", "-"))
+    for label, stream in ((name, attack), (f"{name} with repeats", with_repeats(attack))):
+        store = sqlite_store(tmp_path, label.replace(" ", "-"))
         try:
-            runs[name] = prada_verdicts(classifier, stream, store)
+            runs[label] = prada_verdicts(classifier, stream, store)
         finally:
             store.close()
-        verdict = runs[name][-1]
-        print(f"\nPRADA, {name} ({len(stream)} queries): W final {verdict.figures['shapiro_w']:.3f}, "
-              f"flagged after {flagged_after(runs[name])}, {verdict.figures['samples']:.0f} distances")
+        verdict = runs[label][-1]
+        print(f"\nPRADA, {label} ({len(stream)} queries): W final {verdict.figures['shapiro_w']:.3f}, "
+              f"flagged after {flagged_after(runs[label])}, {verdict.figures['samples']:.0f} distances")
         assert verdict.alert and verdict.figures["shapiro_w"] < 0.9
-    plain, mixed = runs["jbda"][-1].figures, runs["jbda with repeats"][-1].figures
+    plain, mixed = runs[name][-1].figures, runs[f"{name} with repeats"][-1].figures
     assert mixed["shapiro_w"] == pytest.approx(plain["shapiro_w"], abs=0.02)
-    assert flagged_after(runs["jbda with repeats"]) <= 2 * flagged_after(runs["jbda"])
+    assert flagged_after(runs[f"{name} with repeats"]) <= 2 * flagged_after(runs[name])
