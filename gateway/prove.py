@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from defenses.proof import Proof, ProofError
-from gateway.config import GatewayConfig, ModelConfig, TierConfig, load_config
+from gateway.config import GatewayConfig, ModelConfig, TierConfig
 from gateway.errors import ConfigError
 from gateway.secrets import load_server_secret
 from gateway.tiers import build_watermark
