@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from contracts.batch import ModelKind
+from contracts.params import ParamError, check_keys, choice, number
 from defenses.base import DEFENSES, DefenseContext
-from detectors.base import ModelKind
-from gateway.params import ParamError, check_keys, choice, number
 
 __all__ = ["B4B", "TRANSFORMS", "ClientTransform", "client_bytes"]
 

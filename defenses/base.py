@@ -12,9 +12,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from contracts.batch import ModelKind, QueryBatch, Verdict
+from contracts.registry import Registry
 from defenses.codes import PooledQueries, coarse_grid, quantised_codes
-from detectors.base import ModelKind, QueryBatch, Verdict
-from gateway.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,15 @@ class Defense(Protocol):
         ...
 
 
-DEFENSES: Registry[Defense] = Registry("defense")
+# A third-party defense is a factory ``(params, *, kind, secret) -> Defense`` declared as an entry
+# point in the ``moat.defenses`` group.
+DEFENSES: Registry[Defense] = Registry(
+    "defense", group="moat.defenses",
+    builtins={"b4b": "defenses.b4b", "misinformation": "defenses.misinformation",
+              **dict.fromkeys(("reverse_sigmoid", "rounding", "top_k", "label_only"), "defenses.perturbations")})
 
 
 def create_defense(name: str, params: Mapping[str, Any], *, kind: ModelKind, secret: bytes) -> Defense:
     """Build a registered defense; ``ParamError`` names a bad parameter, and a defense that does
-    not apply to ``kind`` raises ``ParamError('name', ...)``."""
-    _import_builtin()
+    not apply to ``kind`` raises ``ParamError('name', ...)``; ``KeyError`` an unknown name."""
     return DEFENSES.get(name)(params, kind=kind, secret=secret)
-
-
-def _import_builtin() -> None:
-    from defenses import b4b, misinformation, perturbations  # noqa: F401  (register themselves)

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from contracts.batch import ModelKind
+from contracts.params import ParamError, check_keys, choice, number
 from defenses.base import DEFENSES, DefenseContext
 from defenses.codes import LEVELS, query_codes
 from defenses.perturbations import normalize_rows
-from detectors.base import ModelKind
-from gateway.params import ParamError, check_keys, choice, number
 
 __all__ = ["AdaptiveMisinformation", "query_codes"]
 

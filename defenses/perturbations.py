@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from contracts.batch import ModelKind
+from contracts.params import ParamError, check_keys, choice, number
 from defenses.base import DEFENSES, DefenseContext
-from detectors.base import ModelKind
-from gateway.params import ParamError, check_keys, choice, number
 
 __all__ = ["LabelOnly", "ReverseSigmoid", "Rounding", "TopK", "normalize_rows"]
 

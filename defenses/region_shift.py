@@ -38,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
+from contracts.batch import ModelKind
+from contracts.params import ParamError, check_keys, number
 from defenses.base import DefenseContext
 from defenses.keyed import HyperplaneCells, keyed_generator, keyed_unit_vectors
 from defenses.proof import Proof, ProofError, sphere_p_value
 from defenses.watermark import WATERMARKS, Marked
-from detectors.base import ModelKind
-from gateway.params import ParamError, check_keys, number
 
 __all__ = ["RegionShift"]
 

@@ -38,11 +38,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from contracts.batch import ModelKind
+from contracts.params import ParamError, check_keys, number
+from contracts.registry import Registry
 from defenses.base import DefenseContext
 from defenses.codes import query_codes
-from detectors.base import ModelKind
-from gateway.params import ParamError, check_keys, number
-from gateway.registry import Registry
 
 __all__ = ["DAWN", "Direction", "Marked", "Watermark", "WATERMARKS", "create_watermark", "decode_query", "encode_query",
            "unit_rows"]
@@ -79,14 +79,15 @@ class Watermark(Protocol):
         ...
 
 
-WATERMARKS: Registry[Watermark] = Registry("watermark")
+# ``dawn`` and ``direction`` register below; a third-party watermark is a factory
+# ``(params, *, kind, secret) -> Watermark`` declared as an entry point in ``moat.watermarks``.
+WATERMARKS: Registry[Watermark] = Registry(
+    "watermark", group="moat.watermarks", builtins={"region-shift": "defenses.region_shift"})
 
 
 def create_watermark(name: str, params: Mapping[str, Any], *, kind: ModelKind, secret: bytes) -> Watermark:
     """Build a registered watermark; ``ParamError`` names a bad parameter, and a watermark that
-    does not apply to ``kind`` raises ``ParamError('name', ...)``."""
-    from defenses import region_shift  # noqa: F401  (registers itself)
-
+    does not apply to ``kind`` raises ``ParamError('name', ...)``; ``KeyError`` an unknown name."""
     return WATERMARKS.get(name)(params, kind=kind, secret=secret)
 
 

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from detectors.base import DETECTORS, ModelKind, QueryBatch, Verdict
-from gateway.params import ParamError, check_keys, choice, number
-from gateway.state.base import StateStore, client_key
+from contracts.batch import ModelKind, QueryBatch, Verdict
+from contracts.params import ParamError, check_keys, choice, number
+from contracts.state import StateStore, client_key
+from detectors.base import DETECTORS
 
 SOURCES = ("auto", "output", "embedding", "pixels")
 _PARAMS = ("tables", "bits", "source", "pixel_center", "alert_coverage")

@@ -19,10 +19,11 @@ import faiss
 import numpy as np
 from scipy import stats
 
-from detectors.base import DETECTORS, ModelKind, QueryBatch, Verdict
+from contracts.batch import ModelKind, QueryBatch, Verdict
+from contracts.params import ParamError, check_keys, number
+from contracts.state import StateStore, client_key
+from detectors.base import DETECTORS
 from detectors.coverage import FixedProjection, seed_sequence
-from gateway.params import ParamError, check_keys, number
-from gateway.state.base import StateStore, client_key
 
 _PARAMS = ("delta", "min_samples", "projection_dim", "max_per_class", "max_distances", "test_every",
            "test_fraction", "repeat_tolerance")

@@ -21,9 +21,25 @@ from evaluation.attacks import AttackContext, create_attack
 from evaluation.benign import run_benign
 from evaluation.client import KeyPool, VictimClient
 from evaluation.data import ImageDataset
-from evaluation.presets import ADMIN_TOKEN, api_key, gateway_config, preset_name, start_gateway
-from evaluation.scoring import (ClientMonitor, agreement, fidelity, load_pool, load_reference, load_source,
-                                outputs, probe_accuracy, watermark_p_value, watermark_proof)
+from evaluation.presets import (
+    ADMIN_TOKEN,
+    api_key,
+    gateway_config,
+    preset_name,
+    start_gateway,
+)
+from evaluation.scoring import (
+    ClientMonitor,
+    agreement,
+    fidelity,
+    load_pool,
+    load_reference,
+    load_source,
+    outputs,
+    probe_accuracy,
+    watermark_p_value,
+    watermark_proof,
+)
 from evaluation.suite import AttackEntry, ModelEntry, Suite
 
 __all__ = ["Prepared", "Runner", "Target"]

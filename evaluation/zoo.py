@@ -29,8 +29,15 @@ import numpy as np
 import torch
 
 from evaluation.data import load_digits_dataset, load_fashion_mnist
-from evaluation.zoo_models import (EncoderClassifier, FashionEncoder, embed, fit_logits, linear_probe_accuracy,
-                                  train_classifier, train_simclr)
+from evaluation.zoo_models import (
+    EncoderClassifier,
+    FashionEncoder,
+    embed,
+    fit_logits,
+    linear_probe_accuracy,
+    train_classifier,
+    train_simclr,
+)
 
 __all__ = [
     "BUILD_COUNTS",

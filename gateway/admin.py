@@ -14,8 +14,8 @@ from gateway.alerts import AlertSink
 from gateway.auth import Client, KeyStore
 from gateway.errors import InvalidArgument, ModelNotFound
 from gateway.evidence import EvidenceError, dump_evidence, load_evidence
-from gateway.secrets import derive_key
 from gateway.pipeline import DataPlane
+from gateway.secrets import derive_key
 from protos import admin_pb2 as pb
 from protos import admin_pb2_grpc as pb_grpc
 

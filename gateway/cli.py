@@ -237,7 +237,13 @@ def _verify_evidence(args: argparse.Namespace, suspect: Callable[[Any], Any]) ->
 def _verify_on_probes(args: argparse.Namespace, suspect: Callable[[Any], Any]) -> int:
     from defenses.proof import ProofError
     from gateway.config import load_config
-    from gateway.prove import DEFAULT_PROBES, clean_answers, load_probes, model_watermark, prove_on_probes
+    from gateway.prove import (
+        DEFAULT_PROBES,
+        clean_answers,
+        load_probes,
+        model_watermark,
+        prove_on_probes,
+    )
     from gateway.verify import suspect_answers, write_result
 
     try:
@@ -341,11 +347,15 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("-o", "--output", help="also write the JSON result to this file")
     check.set_defaults(handler=_verify)
 
-    from evaluation.cli import configure as configure_evaluate  # light: torch is imported only when it runs
+    from evaluation.cli import (
+        configure as configure_evaluate,  # light: torch is imported only when it runs
+    )
 
     configure_evaluate(commands.add_parser("evaluate", help="attack gateways with the evaluation suite, report"))
 
-    from evaluation.bench import cli as bench_cli  # light: the scenarios import what they need when run
+    from evaluation.bench import (
+        cli as bench_cli,  # light: the scenarios import what they need when run
+    )
 
     bench = commands.add_parser("bench", help="benchmarks: overhead vs a bare proxy, detector and store cost")
     bench_cli.configure(bench)

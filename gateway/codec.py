@@ -12,7 +12,14 @@ import math
 import numpy as np
 
 from gateway.errors import InvalidArgument
-from gateway.types import DATATYPES, InferRequest, InferResponse, ModelMetadata, TensorSpec, datatype_of
+from gateway.types import (
+    DATATYPES,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    TensorSpec,
+    datatype_of,
+)
 from protos import inference_pb2 as pb
 
 # Which typed-contents field carries each datatype. FP16 has none: the spec allows it raw only.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from gateway.params import ConfigError  # noqa: F401  (re-exported: one error hierarchy)
+from contracts.params import ConfigError  # noqa: F401  (re-exported: one error hierarchy)
 
 
 class GatewayError(Exception):

@@ -15,7 +15,12 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
-    CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
 )
 
 from gateway import __version__

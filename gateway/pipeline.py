@@ -20,9 +20,9 @@ from typing import Any, ContextManager, TypeVar, cast
 
 import numpy as np
 
+from contracts.batch import QueryBatch
 from defenses.codes import PooledQueries
 from defenses.watermark import Marked
-from detectors.base import QueryBatch
 from gateway.auth import Client
 from gateway.backends import Backend
 from gateway.config import ModelConfig

@@ -26,17 +26,17 @@ from typing import Any
 
 import numpy as np
 
+from contracts.batch import QueryBatch, Verdict
+from contracts.state import client_key, client_prefix, evidence_stream
 from defenses.base import DefenseContext
 from defenses.codes import PooledQueries
 from defenses.watermark import Marked, Watermark
-from detectors.base import QueryBatch, Verdict
 from gateway.alerts import AlertSink
 from gateway.auth import Client
 from gateway.config import ModelConfig, PolicyConfig, TierConfig
 from gateway.errors import PermissionDenied, ResourceExhausted
 from gateway.metrics import GatewayMetrics
 from gateway.state import StateStore
-from gateway.state.base import client_key, client_prefix, evidence_stream
 from gateway.tiers import TierComponents, build_tier
 
 STATUSES = ("ok", "flagged", "throttled", "blocked")

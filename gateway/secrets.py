@@ -11,8 +11,8 @@ import hashlib
 import hmac
 import os
 
+from contracts.params import ConfigError
 from gateway.config import AuthConfig
-from gateway.params import ConfigError
 
 MIN_SECRET_BYTES = 16
 

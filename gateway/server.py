@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 from threadpoolctl import threadpool_limits
 
+from contracts.params import ConfigError
 from gateway import admin, servicer
 from gateway.admin import AdminServicer
 from gateway.alerts import AlertSink
@@ -31,12 +32,11 @@ from gateway.backends import create_backend
 from gateway.config import GatewayConfig, ServerConfig, TLSConfig
 from gateway.interceptors import StatusInterceptor
 from gateway.metrics import GatewayMetrics, MetricsServer
-from gateway.params import ConfigError
 from gateway.pipeline import DataPlane, ServedModel
 from gateway.protection import ModelProtection
 from gateway.secrets import load_server_secret
-from gateway.state import StateStore, create_store
 from gateway.servicer import InferenceServicer
+from gateway.state import StateStore, create_store
 from protos import admin_pb2_grpc, inference_pb2_grpc
 
 log = logging.getLogger("moat.gateway")

@@ -7,11 +7,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from contracts.params import ConfigError, ParamError
 from defenses.base import Defense, create_defense
 from defenses.watermark import Watermark, create_watermark
 from detectors.base import Detector, create_detector
 from gateway.config import ModelConfig, PolicyConfig, TierConfig, tier_policy
-from gateway.params import ConfigError, ParamError
 from gateway.secrets import derive_key, derive_seed
 from gateway.state import StateStore
 

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
-
-ModelKind = Literal["classifier", "encoder"]
 
 # Open Inference Protocol datatype -> little-endian numpy dtype. BYTES and BF16 are not served:
 # image models take numeric tensors, and numpy has no bfloat16.

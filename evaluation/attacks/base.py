@@ -13,9 +13,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from contracts.registry import Registry
 from evaluation.client import KeyPool, VictimClient
 from evaluation.data import ImageDataset
-from gateway.registry import Registry
 
 __all__ = ["ATTACKS", "Attack", "AttackContext", "AttackResult", "AttackSpec", "create_attack", "KINDS", "read_params"]
 

@@ -18,8 +18,15 @@ import torch.nn.functional as F
 
 from evaluation.attacks.base import ATTACKS, AttackContext, AttackResult, read_params
 from evaluation.attacks.thief import ThiefCNN, fit_images, query_all, snapshot
-from evaluation.attacks.training import (SCHEDULE, FitReport, StopRule, flip_and_shift, refuse_epochs, run_staged,
-                                         train_on_answers)
+from evaluation.attacks.training import (
+    SCHEDULE,
+    FitReport,
+    StopRule,
+    flip_and_shift,
+    refuse_epochs,
+    run_staged,
+    train_on_answers,
+)
 
 __all__ = ["Copycat", "Jbda", "Knockoff"]
 

@@ -20,8 +20,15 @@ from torch import nn
 
 from evaluation.attacks.base import ATTACKS, AttackContext, AttackResult, read_params
 from evaluation.attacks.thief import ThiefCNN, fit_images
-from evaluation.attacks.training import (SCHEDULE, FitReport, StopRule, fit_until_stale, held_out_split,
-                                         refuse_epochs, run_staged)
+from evaluation.attacks.training import (
+    SCHEDULE,
+    FitReport,
+    StopRule,
+    fit_until_stale,
+    held_out_split,
+    refuse_epochs,
+    run_staged,
+)
 from evaluation.zoo_models import augment, nt_xent
 
 __all__ = ["ContSteal", "DirectExtraction", "StolenEncoder", "info_nce", "soft_nn", "stealing_loss"]

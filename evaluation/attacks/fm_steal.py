@@ -20,7 +20,15 @@ from torch import nn
 
 from evaluation.attacks.base import ATTACKS, AttackContext, AttackResult, read_params
 from evaluation.attacks.thief import fit_images
-from evaluation.attacks.training import SCHEDULE, FitReport, StopRule, flip, refuse_epochs, run_staged, train_on_answers
+from evaluation.attacks.training import (
+    SCHEDULE,
+    FitReport,
+    StopRule,
+    flip,
+    refuse_epochs,
+    run_staged,
+    train_on_answers,
+)
 
 __all__ = ["FMSteal", "BackboneThief", "load_backbone"]
 

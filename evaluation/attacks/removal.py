@@ -30,7 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from evaluation.attacks.base import ATTACKS, AttackContext, AttackResult, create_attack, read_params
+from evaluation.attacks.base import (
+    ATTACKS,
+    AttackContext,
+    AttackResult,
+    create_attack,
+    read_params,
+)
 from evaluation.attacks.thief import fit_images, snapshot
 from evaluation.attacks.training import FitReport, predict
 from evaluation.client import Refused

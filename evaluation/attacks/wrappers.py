@@ -11,7 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.attacks.base import ATTACKS, AttackContext, AttackResult, create_attack, read_params
+from evaluation.attacks.base import (
+    ATTACKS,
+    AttackContext,
+    AttackResult,
+    create_attack,
+    read_params,
+)
 from evaluation.client import KeyPool, Refused
 
 __all__ = ["Averaging", "MappedPool", "Sybil", "fit_affine"]

@@ -158,8 +158,13 @@ def _client_stores(name: str, workdir: Path, redis_url: str | None) -> tuple[Any
 
 
 def _detectors(workdir: Path, s: dict[str, Any], args: argparse.Namespace) -> tuple[list, list]:
-    from evaluation.bench.components import (MODELS, clients_ratios, clients_results, history_ratios,
-                                             history_results)
+    from evaluation.bench.components import (
+        MODELS,
+        clients_ratios,
+        clients_results,
+        history_ratios,
+        history_results,
+    )
     from evaluation.bench.procs import Processes
     from gateway.state.base import create_store
 

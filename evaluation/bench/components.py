@@ -30,13 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from contracts.batch import QueryBatch
+from contracts.state import StateStore
 from defenses.base import DefenseContext
-from detectors.base import QueryBatch
 from evaluation.bench.detectors import classifier_batches
 from evaluation.bench.results import Result, Sample, find, median_result
 from gateway.auth import Client
 from gateway.protection import ModelProtection
-from gateway.state.base import StateStore
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "configs" / "demo.yaml"
 MODELS = {"fashion-classifier": "classifier", "fashion-encoder": "encoder"}

@@ -22,8 +22,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from detectors.base import Detector, ModelKind, QueryBatch, create_detector
-from gateway.state.base import StateStore, create_store
+from contracts.batch import ModelKind, QueryBatch
+from contracts.state import StateStore
+from detectors.base import Detector, create_detector
+from gateway.state.base import create_store
 
 HISTORIES = (1_000, 10_000, 100_000)
 BATCHES = (1, 32)

@@ -36,7 +36,14 @@ import yaml
 
 from evaluation.bench.load import Load
 from evaluation.bench.procs import REPO, Processes
-from evaluation.bench.results import Result, Sample, find, median_result, paired_ratios, quartiles
+from evaluation.bench.results import (
+    Result,
+    Sample,
+    find,
+    median_result,
+    paired_ratios,
+    quartiles,
+)
 
 DEMO_CONFIG = REPO / "deploy" / "configs" / "demo.yaml"
 CONTENDERS = ("direct", "bare-proxy", "moat-off", "moat-full")

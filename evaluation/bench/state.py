@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from contracts.state import StateStore
 from evaluation.bench.results import Result
-from gateway.state.base import StateStore, create_store
+from gateway.state.base import create_store
 
 TOTAL_BITS, SEGMENT_BITS = 20 * 4096, 4096
 
@@ -94,7 +95,12 @@ def bytes_results(store: StateStore, name: str, measure: Callable[[], int], clie
     embeddings, a thief's kind, ~2,000 of 81,920 buckets each) and narrow ones
     (``coverage-state[narrow]``: an honest client's, a few hundred buckets; SQLite keeps those
     as positions, see :mod:`gateway.state.bitsets`)."""
-    from evaluation.bench.components import demo_batches, demo_protection, honest_batches, populate
+    from evaluation.bench.components import (
+        demo_batches,
+        demo_protection,
+        honest_batches,
+        populate,
+    )
 
     protection = demo_protection("fashion-encoder", store)
     results = []

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from contracts.registry import Registry
 from gateway.config import ComponentConfig, ConfigError
-from gateway.registry import Registry
-from gateway.types import InferRequest, InferResponse, ModelMetadata, TensorSpec, DATATYPES
+from gateway.types import (
+    DATATYPES,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    TensorSpec,
+)
 
 
 @runtime_checkable
@@ -37,21 +42,18 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
-BACKENDS: Registry[Backend] = Registry("backend")
-# Modules that register backends; imported lazily so `upstream` works without torch installed.
-_BACKEND_MODULES = {"embedded": "gateway.backends.embedded", "upstream": "gateway.backends.upstream"}
+# Built-in backends are imported on first use so that `upstream` works without torch installed.
+BACKENDS: Registry[Backend] = Registry(
+    "backend", group="moat.backends",
+    builtins={"embedded": "gateway.backends.embedded", "upstream": "gateway.backends.upstream"})
 
 
 def create_backend(model_name: str, config: ComponentConfig, where: str, **options: Any) -> Backend:
     """Build the backend named in ``config``; ``ConfigError`` names the field on bad params."""
-    module = _BACKEND_MODULES.get(config.name)
-    if module is not None and config.name not in BACKENDS:
-        importlib.import_module(module)
     try:
         factory = BACKENDS.get(config.name)
-    except KeyError:
-        valid = ", ".join(sorted(set(BACKENDS.names()) | set(_BACKEND_MODULES)))
-        raise ConfigError(f"{where}.name", f"unknown backend {config.name!r}; valid: {valid}") from None
+    except KeyError as error:
+        raise ConfigError(f"{where}.name", str(error.args[0])) from None
     return factory(model_name, config.params, f"{where}.params", **options)
 
 

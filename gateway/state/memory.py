@@ -10,8 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from gateway.params import ConfigError
-from gateway.state.base import STATE_STORES, field_values, newest_rows, packed_with_bits, segment_counts
+from contracts.params import ConfigError
+from gateway.state.base import (
+    STATE_STORES,
+    field_values,
+    newest_rows,
+    packed_with_bits,
+    segment_counts,
+)
 
 
 class MemoryStore:

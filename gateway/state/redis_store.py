@@ -33,7 +33,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gateway.params import ConfigError, ParamError, check_keys, number
+from contracts.params import ConfigError, ParamError, check_keys, number
 from gateway.state.base import STATE_STORES, field_values, rows_from_blobs
 
 _KINDS = ("bm", "h", "rows", "rec")  # what delete() counts; "seq" counters are kept

@@ -38,10 +38,16 @@ from typing import Any
 
 import numpy as np
 
-from gateway.params import ConfigError, ParamError, check_keys, number
+from contracts.params import ConfigError, ParamError, check_keys, number
 from gateway.state.base import STATE_STORES, field_values, rows_from_blobs
 from gateway.state.bitsets import add_bits, bit_counts
-from gateway.state.sqlite_cache import UPSERT_BITMAP, TransactionCache, bitmap_row, load_bitmap, trim_windows
+from gateway.state.sqlite_cache import (
+    UPSERT_BITMAP,
+    TransactionCache,
+    bitmap_row,
+    load_bitmap,
+    trim_windows,
+)
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 # SQLite's own page cache per connection (its default is 2 MB): the write-back cache flushes each

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detectors.base import QueryBatch, create_detector
+from contracts.batch import QueryBatch
+from detectors.base import create_detector
 from evaluation.data import load_fashion_mnist
 from gateway.config import ServerConfig
 from gateway.secrets import derive_seed

@@ -13,7 +13,13 @@ import yaml
 from evaluation.attacks.wrappers import MappedPool, learn_maps
 from evaluation.client import KeyPool, Refused, VictimClient
 from evaluation.data import load_fashion_mnist
-from evaluation.presets import ADMIN_TOKEN, DEMO_CONFIG, api_key, gateway_config, start_gateway
+from evaluation.presets import (
+    ADMIN_TOKEN,
+    DEMO_CONFIG,
+    api_key,
+    gateway_config,
+    start_gateway,
+)
 from evaluation.suite import ModelEntry
 from gateway.admin_client import AdminClient
 

@@ -22,7 +22,14 @@ import yaml
 from tritonclient.utils import InferenceServerException
 
 from evaluation.data import load_fashion_mnist
-from tests.e2e.conftest import client, infer_input, key_of, model_state, protected_config, query
+from tests.e2e.conftest import (
+    client,
+    infer_input,
+    key_of,
+    model_state,
+    protected_config,
+    query,
+)
 from tests.servers.procs import REPO, Proc, free_port, start_gateway, wait_until
 
 ENCODER = "fashion-encoder"

@@ -16,7 +16,13 @@ from defenses.b4b import B4B
 from evaluation.data import load_fashion_mnist
 from evaluation.zoo import load_victim
 from gateway.secrets import derive_key
-from tests.e2e.conftest import DEMO_CONFIG, DEMO_SECRET, model_state, protected_config, query
+from tests.e2e.conftest import (
+    DEMO_CONFIG,
+    DEMO_SECRET,
+    model_state,
+    protected_config,
+    query,
+)
 from tests.servers.procs import Proc, start_gateway
 
 ENCODER = "fashion-encoder"

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as triton
 import yaml
 from tritonclient.utils import InferenceServerException
 
 from tests.e2e.conftest import ALICE, client, infer_input
 from tests.servers.procs import REPO, Proc, start_gateway, start_kserve, wait_until
-import tritonclient.grpc as triton
 
 
 def _config(path: Path, upstream_port: int) -> Path:

@@ -17,7 +17,12 @@ from threadpoolctl import threadpool_limits
 
 from evaluation.data import load_fashion_mnist
 from evaluation.zoo import load_victim
-from evaluation.zoo_models import FashionEncoder, embed, linear_probe_accuracy, train_simclr
+from evaluation.zoo_models import (
+    FashionEncoder,
+    embed,
+    linear_probe_accuracy,
+    train_simclr,
+)
 from gateway.evidence import load_evidence
 from gateway.verify import verify
 from tests.e2e.conftest import protected_config, query

@@ -14,9 +14,8 @@ import torch
 import yaml
 
 from evaluation.data import load_fashion_mnist
-from evaluation.zoo_models import EncoderClassifier, FashionEncoder, embed
-
 from evaluation.endpoint import launch_gateway
+from evaluation.zoo_models import EncoderClassifier, FashionEncoder, embed
 from gateway.auth import hash_key
 
 API_KEY = "thief-test-key"

@@ -16,7 +16,12 @@ from evaluation.client import VictimClient
 from evaluation.data import ImageDataset, load_fashion_mnist
 from evaluation.scoring import probe_accuracy
 from evaluation.suite import BenignSpec
-from tests.evaluation.gateway_models import API_KEY, calibrated_encoder, linear_classifier, serve
+from tests.evaluation.gateway_models import (
+    API_KEY,
+    calibrated_encoder,
+    linear_classifier,
+    serve,
+)
 
 PROTECTION = {"detectors": [{"name": "prada", "params": {"delta": 0.9, "min_samples": 100}}],
               "defenses": [{"name": "misinformation", "params": {"tau": 0.3, "unflagged": "ood"}}],

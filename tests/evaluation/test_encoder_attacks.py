@@ -14,7 +14,12 @@ from evaluation.attacks.thief import ThiefCNN
 from evaluation.client import VictimClient
 from evaluation.data import ImageDataset, load_fashion_mnist
 from evaluation.zoo_models import FashionEncoder, embed
-from tests.evaluation.gateway_models import API_KEY, OTHER_KEY, calibrated_encoder, serve
+from tests.evaluation.gateway_models import (
+    API_KEY,
+    OTHER_KEY,
+    calibrated_encoder,
+    serve,
+)
 
 ENCODER_ATTACKS = ("direct", "stolen-encoder", "cont-steal")
 

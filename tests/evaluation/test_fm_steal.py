@@ -14,7 +14,13 @@ from evaluation.attacks.fm_steal import BackboneThief, load_backbone
 from evaluation.client import VictimClient
 from evaluation.data import ImageDataset, load_fashion_mnist
 from evaluation.zoo_models import embed
-from tests.evaluation.gateway_models import API_KEY, OTHER_KEY, calibrated_encoder, linear_classifier, serve
+from tests.evaluation.gateway_models import (
+    API_KEY,
+    OTHER_KEY,
+    calibrated_encoder,
+    linear_classifier,
+    serve,
+)
 
 
 def test_registered_with_defaults() -> None:

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.report import BENIGN_FIELDS, RUN_FIELDS, finalize, summary, verdict, write_report
+from evaluation.report import (
+    BENIGN_FIELDS,
+    RUN_FIELDS,
+    finalize,
+    summary,
+    verdict,
+    write_report,
+)
 
 
 def run(attack: str, defense: str, agreement: float | None, kind: str = "classifier", **extra) -> dict:

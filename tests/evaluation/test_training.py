@@ -9,7 +9,13 @@ import torch
 
 from evaluation.attacks import create_attack
 from evaluation.attacks.thief import ThiefCNN
-from evaluation.attacks.training import StopRule, fit_until_stale, held_out_split, predict, train_on_answers
+from evaluation.attacks.training import (
+    StopRule,
+    fit_until_stale,
+    held_out_split,
+    predict,
+    train_on_answers,
+)
 from tests.evaluation.label_victim import fashion_context
 
 

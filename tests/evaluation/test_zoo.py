@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch
 
 from evaluation import zoo  # noqa: E402
 from evaluation.data import load_fashion_mnist  # noqa: E402
 from evaluation.zoo_models import FashionEncoder, augment, embed, linear_probe_accuracy  # noqa: E402
-
 
 
 @pytest.fixture(scope="session")

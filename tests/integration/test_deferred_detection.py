@@ -14,7 +14,13 @@ import torch
 
 from protos import admin_pb2, admin_pb2_grpc
 from protos import inference_pb2 as pb
-from tests.integration.conftest import ADMIN, ALICE, GatewayFactory, embedded_model, stub
+from tests.integration.conftest import (
+    ADMIN,
+    ALICE,
+    GatewayFactory,
+    embedded_model,
+    stub,
+)
 
 
 def _flagging_model(torchscript: Path) -> dict:

@@ -98,7 +98,7 @@ async def test_evidence_is_bounded_and_survives_reset(make_gateway: GatewayFacto
 
 
 async def test_bad_watermark_config_names_the_field(make_gateway: GatewayFactory, tiny_torchscript: Path) -> None:
-    from gateway.params import ConfigError
+    from contracts.params import ConfigError
 
     with pytest.raises(ConfigError, match=r"models\[0\]\.watermark\.params\.rate"):
         await make_gateway([_watermarked(tiny_torchscript, rate=2)])

@@ -12,10 +12,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from protos import admin_pb2, admin_pb2_grpc
+from protos import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from protos import inference_pb2 as pb
-from protos import inference_pb2_grpc
-from tests.integration.conftest import ADMIN, ALICE, BOB, GatewayFactory, embedded_model, stub, upstream_model
+from tests.integration.conftest import (
+    ADMIN,
+    ALICE,
+    BOB,
+    GatewayFactory,
+    embedded_model,
+    stub,
+    upstream_model,
+)
 from tests.servers.procs import Proc
 
 

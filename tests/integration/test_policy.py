@@ -13,7 +13,14 @@ import pytest
 
 from protos import admin_pb2, admin_pb2_grpc
 from protos import inference_pb2 as pb
-from tests.integration.conftest import ADMIN, ALICE, BOB, GatewayFactory, embedded_model, stub
+from tests.integration.conftest import (
+    ADMIN,
+    ALICE,
+    BOB,
+    GatewayFactory,
+    embedded_model,
+    stub,
+)
 
 
 def _escalating_model(torchscript: Path) -> dict:
@@ -171,7 +178,7 @@ async def test_trusted_tier_skips_detection_and_defenses(make_gateway: GatewayFa
 async def test_bad_tiers_fail_at_start_naming_the_field(
     make_gateway: GatewayFactory, tiny_torchscript: Path, tiers: dict, field: str
 ) -> None:
-    from gateway.params import ConfigError
+    from contracts.params import ConfigError
 
     with pytest.raises(ConfigError) as caught:
         await make_gateway([_escalating_model(tiny_torchscript)], tiers=tiers)

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import redis
 
-from gateway.params import ConfigError
-from gateway.state.base import STATE_STORES, StateStore, create_store, packed_with_bits
+from contracts.params import ConfigError
+from contracts.state import StateStore
+from gateway.state.base import STATE_STORES, create_store, packed_with_bits
 from gateway.state.sqlite import DEFAULT_CACHE_BYTES, DEFAULT_PAGE_CACHE_BYTES
 from tests.servers.procs import REPO, Proc, free_port, start_redis
 

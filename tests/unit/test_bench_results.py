@@ -12,8 +12,15 @@ import pytest
 
 from evaluation.bench.cli import configure, run
 from evaluation.bench.procs import REPO
-from evaluation.bench.results import (Result, Sample, median_result, paired_ratios, quartiles, ratio_table,
-                                      results_table)
+from evaluation.bench.results import (
+    Result,
+    Sample,
+    median_result,
+    paired_ratios,
+    quartiles,
+    ratio_table,
+    results_table,
+)
 
 
 def _samples(p50s_ms: list[float]) -> list[Sample]:

@@ -13,9 +13,9 @@ import pytest
 import torch
 from scipy import stats
 
+from contracts.batch import QueryBatch, Verdict
 from defenses.b4b import B4B, _framed, _noise_seed, client_bytes
 from defenses.base import DefenseContext, create_defense
-from detectors.base import QueryBatch, Verdict
 from evaluation.data import load_fashion_mnist
 from evaluation.zoo import load_victim
 from evaluation.zoo_models import embed, linear_probe_accuracy

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from contracts.batch import QueryBatch
 from defenses.base import Defense, DefenseContext, create_defense
 from defenses.codes import PooledQueries, query_codes
 from defenses.misinformation import AdaptiveMisinformation
-from detectors.base import QueryBatch
 
 SECRET = b"classifier-defense-secret"
 

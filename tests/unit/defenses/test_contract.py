@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from contracts.batch import ModelKind, QueryBatch, Verdict
+from contracts.params import ParamError
 from defenses import b4b, misinformation, perturbations  # noqa: F401  (register themselves)
 from defenses.base import DEFENSES, Defense, DefenseContext, create_defense
-from detectors.base import ModelKind, QueryBatch, Verdict
-from gateway.params import ParamError
 
 ROOT = Path(__file__).resolve().parents[3]
 SECRET = b"contract-test-secret"
@@ -179,7 +179,7 @@ _NO_GRPC = textwrap.dedent("""
     sys.meta_path.insert(0, Block())
     import numpy as np
     from defenses.base import DEFENSES, DefenseContext, create_defense
-    from detectors.base import QueryBatch, Verdict
+    from contracts.batch import QueryBatch, Verdict
 
     kinds = {"b4b": "encoder"}
     rng = np.random.default_rng(0)

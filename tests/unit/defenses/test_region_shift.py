@@ -8,14 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from contracts.batch import QueryBatch
+from contracts.params import ParamError
 from defenses.base import DefenseContext
 from defenses.proof import ProofError, sphere_p_value
 from defenses.watermark import create_watermark
-from detectors.base import QueryBatch
 from evaluation.data import load_fashion_mnist
 from evaluation.zoo import load_victim
 from evaluation.zoo_models import embed
-from gateway.params import ParamError
 
 KEY = b"region-shift-test-key-0123456789"
 

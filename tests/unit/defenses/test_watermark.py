@@ -8,14 +8,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from contracts.batch import QueryBatch
+from contracts.params import ParamError
 from defenses.base import DefenseContext
-from defenses.watermark import DAWN, Direction, create_watermark, decode_query, encode_query
-from detectors.base import QueryBatch
+from defenses.watermark import (
+    DAWN,
+    Direction,
+    create_watermark,
+    decode_query,
+    encode_query,
+)
 from evaluation.data import load_fashion_mnist
 from evaluation.zoo import load_victim
 from evaluation.zoo_models import embed
 from gateway.evidence import EvidenceFile
-from gateway.params import ParamError
 from gateway.verify import VerifyError, verify
 
 KEY = b"watermark-test-key-0123456789"

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from scipy.stats import shapiro
 
-from detectors.base import QueryBatch, Verdict, create_detector
+from contracts.batch import QueryBatch, Verdict
+from contracts.state import StateStore, client_key
+from detectors.base import create_detector
 from detectors.coverage import LSHHasher
 from evaluation.data import load_fashion_mnist
-from gateway.state.base import StateStore, client_key, create_store
+from gateway.state.base import create_store
 from gateway.state.memory import MemoryStore
 
 MODEL = "m"

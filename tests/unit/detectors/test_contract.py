@@ -16,9 +16,10 @@ import pytest
 
 import detectors.coverage
 import detectors.prada  # noqa: F401  (registers "prada")
-from detectors.base import DETECTORS, Detector, ModelKind, QueryBatch, Verdict, create_detector
+from contracts.batch import ModelKind, QueryBatch, Verdict
+from contracts.params import ParamError
+from detectors.base import DETECTORS, Detector, create_detector
 from detectors.coverage import LSHHasher
-from gateway.params import ParamError
 from gateway.state.memory import MemoryStore
 
 MODEL = "m"

@@ -1,7 +1,12 @@
 import numpy as np
 import pytest
 
-from gateway.codec import decode_request, decode_response, encode_request, encode_response
+from gateway.codec import (
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+)
 from gateway.errors import InvalidArgument
 from gateway.types import DATATYPES, InferRequest, InferResponse
 from protos import inference_pb2 as pb

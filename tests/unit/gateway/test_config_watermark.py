@@ -11,8 +11,8 @@ import yaml
 from defenses.watermark import DAWN, Direction
 from gateway.config import ComponentConfig, parse_config
 from gateway.errors import ConfigError
-from gateway.tiers import build_tier, build_watermark
 from gateway.state import create_store
+from gateway.tiers import build_tier, build_watermark
 
 REPO = Path(__file__).resolve().parents[3]
 DEMO = REPO / "deploy" / "configs" / "demo.yaml"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from detectors.base import QueryBatch
+from contracts.batch import QueryBatch
 from evaluation.bench.components import DEMO_CONFIG, demo_batches, demo_protection
 from gateway.auth import Client
 from gateway.protection import Snapshot

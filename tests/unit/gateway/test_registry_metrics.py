@@ -1,8 +1,8 @@
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from contracts.registry import Registry
 from gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
-from gateway.registry import Registry
 
 
 def test_registry_rejects_duplicates_and_lists_valid_names() -> None:
