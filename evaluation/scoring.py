@@ -60,10 +60,10 @@ def load_pool(specs: Sequence[Mapping[str, Any]], shape: Sequence[int]) -> Image
 def load_reference(source: Mapping[str, Any], where: str) -> torch.nn.Module:
     """The clean victim in-process (the same loader the gateway's embedded backend uses)."""
     from evaluation.zoo import quiet_jit
-    from gateway.backends.embedded import _load_model
+    from gateway.backends.sources import load_model
 
     with quiet_jit():
-        return _load_model(source, where).eval()
+        return load_model(source, where).eval()
 
 
 @torch.no_grad()

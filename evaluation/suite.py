@@ -18,13 +18,13 @@ from typing import Any
 import yaml
 
 from evaluation.attacks.base import AttackSpec
+from gateway.backends.sources import MODEL_SOURCES
 
 __all__ = ["BenignSpec", "ModelEntry", "Suite", "SuiteError", "load_suite", "suite_path", "SUITES_DIR"]
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _KINDS = ("classifier", "encoder")
-_SOURCES = ("zoo", "torchscript", "timm")
 
 
 class SuiteError(ValueError):
@@ -189,8 +189,9 @@ def _model(data: Any, where: str, seed: int) -> ModelEntry:
     if kind not in _KINDS:
         raise SuiteError(f"{f.name('kind')}: must be one of {list(_KINDS)}, got {kind!r}")
     source = f.get("source", dict, {"zoo": name})
-    if len([s for s in _SOURCES if s in source]) != 1 or set(source) - set(_SOURCES):
-        raise SuiteError(f"{f.name('source')}: must name exactly one of {list(_SOURCES)}, got {sorted(source)}")
+    sources = MODEL_SOURCES.names()
+    if len(source) != 1 or not set(source) <= set(sources):
+        raise SuiteError(f"{f.name('source')}: must name exactly one of {sources}, got {sorted(source)}")
     shape = f.get("input_shape", list, None)
     outputs = f.get("num_outputs", int, None, minimum=1)
     if (shape is None or outputs is None) and "zoo" in source:

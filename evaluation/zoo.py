@@ -229,6 +229,14 @@ def load_victim(name: str, cache_dir: str | os.PathLike[str] | None = None,
     return module.eval()
 
 
+def model_source(spec: object, field: str) -> torch.jit.ScriptModule:
+    """The ``zoo: NAME`` model source of the gateway's embedded backend (declared as an entry point
+    in ``moat.model_sources``, so the gateway serves zoo victims without importing this package)."""
+    if not isinstance(spec, str):
+        raise ValueError(f"must be a zoo model name ({', '.join(available())}), got {spec!r}")
+    return load_victim(spec)
+
+
 # ----------------------------------------------------------------------------- builders
 def _test_accuracy(module: torch.jit.ScriptModule) -> float:
     test = load_fashion_mnist("test")

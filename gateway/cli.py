@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from contracts.registry import Registry
 from gateway.auth import hash_key
 from gateway.errors import ConfigError
 
@@ -283,7 +284,25 @@ def _admin_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
-def _parser() -> argparse.ArgumentParser:
+# More subcommands come by entry point in the ``moat.commands`` group: a callable
+# ``configure(parser)`` that adds its options and a ``handler``; the first line of its docstring is
+# the help. moat's evaluation suite (``evaluate``) and benchmarks (``bench``) come this way, so the
+# gateway never imports them and the proxy image runs without them.
+COMMANDS: Registry[None] = Registry("command", group="moat.commands")
+
+
+def _add_plugin_commands(commands: Any) -> None:
+    for name in COMMANDS.names():
+        try:
+            configure = COMMANDS.get(name)
+        except KeyError as error:  # a plugin that is declared but not installed: say so, keep the rest
+            commands.add_parser(name, help=f"unavailable: {error.args[0]}")
+            continue
+        configure(commands.add_parser(name, help=(configure.__doc__ or "").strip().splitlines()[0].rstrip(".")
+                                      if configure.__doc__ else None))
+
+
+def _parser(with_plugins: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moat", description="moat: a model-protection gateway")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -347,24 +366,23 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("-o", "--output", help="also write the JSON result to this file")
     check.set_defaults(handler=_verify)
 
-    from evaluation.cli import (
-        configure as configure_evaluate,  # light: torch is imported only when it runs
-    )
-
-    configure_evaluate(commands.add_parser("evaluate", help="attack gateways with the evaluation suite, report"))
-
-    from evaluation.bench import (
-        cli as bench_cli,  # light: the scenarios import what they need when run
-    )
-
-    bench = commands.add_parser("bench", help="benchmarks: overhead vs a bare proxy, detector and store cost")
-    bench_cli.configure(bench)
-    bench.set_defaults(handler=bench_cli.run)
+    if with_plugins:
+        _add_plugin_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # A built-in command needs no plugin loaded: `moat serve` imports nothing it does not run.
+    builtin = _parser(with_plugins=False)
+    builtin_names = next(a.choices for a in builtin._actions if isinstance(a, argparse._SubParsersAction))
+    if argv and argv[0] not in builtin_names and argv[0] in COMMANDS.names():
+        try:
+            COMMANDS.get(argv[0])
+        except KeyError as error:  # declared but not installed here (the proxy image has no suite)
+            print(f"moat: {error.args[0]}", file=sys.stderr)
+            return 2
+    args = (builtin if argv and argv[0] in builtin_names else _parser()).parse_args(argv)
     return int(args.handler(args))
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from contracts.registry import Registry
 from defenses.proof import Proof, ProofError
 from gateway.config import GatewayConfig, ModelConfig, TierConfig
 from gateway.errors import ConfigError
@@ -60,6 +61,11 @@ def model_watermark(config: GatewayConfig, model: str) -> tuple[ModelConfig, Pro
     return entry, watermark  # type: ignore[return-value]
 
 
+# Datasets come by entry point in ``moat.datasets``: a loader ``(split=...) -> object with .images``
+# (float32 [N, C, H, W] in [0, 1]). The evaluation package declares its offline readers that way.
+PROBE_DATASETS: Registry[Any] = Registry("dataset", group="moat.datasets")
+
+
 def load_probes(spec: str) -> np.ndarray:
     """Probe images float32 [N, C, H, W] in [0, 1]: a ``.npy`` file of them, a ``.npz`` file with
     an ``images`` array, or ``DATASET[:SPLIT]`` for a dataset the evaluation package reads offline
@@ -73,14 +79,10 @@ def load_probes(spec: str) -> np.ndarray:
             raise ValueError(f"--probes {spec}: {error}") from None
     else:
         name, _, split = spec.partition(":")
-        try:  # the offline dataset readers live with the evaluation suite
-            from evaluation.data import load_dataset
-        except ImportError:
-            raise ValueError(f"--probes {spec}: datasets need the evaluation extra; give a .npy file") from None
         try:
-            images = load_dataset(name, **({"split": split} if split else {})).images
+            images = PROBE_DATASETS.get(name)(**({"split": split} if split else {})).images
         except (OSError, KeyError, ValueError, TypeError) as error:
-            raise ValueError(f"--probes {spec}: {error}") from None
+            raise ValueError(f"--probes {spec}: {error.args[0] if isinstance(error, KeyError) else error}") from None
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or len(images) == 0 or not np.all(np.isfinite(images)):
         raise ValueError(f"--probes {spec}: expected finite images [N, C, H, W], got shape {list(images.shape)}")

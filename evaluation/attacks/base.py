@@ -19,7 +19,9 @@ from evaluation.data import ImageDataset
 
 __all__ = ["ATTACKS", "Attack", "AttackContext", "AttackResult", "AttackSpec", "create_attack", "KINDS", "read_params"]
 
-ATTACKS: Registry[type] = Registry("attack")
+# moat's attacks register when :mod:`evaluation.attacks` is imported; a third-party attack is a class
+# (or factory) ``(params, *, seed) -> Attack`` declared as an entry point in ``moat.attacks``.
+ATTACKS: Registry[type] = Registry("attack", group="moat.attacks")
 KINDS = ("classifier", "encoder", "any")
 
 

@@ -1,9 +1,8 @@
 """The ``embedded`` backend: a PyTorch model run in-process (CUDA when present, else CPU).
 
-The model comes from exactly one source in the params:
-``zoo: NAME`` (a victim from :mod:`evaluation.zoo`, trained and cached on first use),
-``torchscript: PATH``, or ``timm: {arch, checkpoint, num_classes, softmax, kwargs}``
-(a timm architecture built without pretrained weights, then loaded from a local state dict).
+The model comes from exactly one model source in the params (:mod:`gateway.backends.sources`):
+``torchscript: PATH``, ``timm: {arch, checkpoint, ...}``, or one a package declares by entry
+point, such as the evaluation suite's ``zoo: NAME`` (a victim trained and cached on first use).
 Its metadata (input and output tensors) comes from the config.
 
 Concurrent requests are batched (:mod:`gateway.backends.batching`) when every declared tensor is
@@ -18,13 +17,13 @@ import asyncio
 import time
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gateway.backends.base import BACKENDS, check_params, parse_tensor_specs
 from gateway.backends.batching import DynamicBatcher, batching_params, on_executor
+from gateway.backends.sources import MODEL_SOURCES, load_model
 from gateway.config import ConfigError
 from gateway.errors import DeadlineExceeded
 from gateway.types import InferRequest, InferResponse, ModelMetadata
@@ -34,7 +33,7 @@ try:
 except ImportError:  # the proxy-only image has no torch
     torch = None  # type: ignore[assignment]
 
-_SOURCES = ("zoo", "torchscript", "timm")
+_OWN_PARAMS = frozenset({"device", "inputs", "outputs", "max_batch_rows", "max_batch_delay_ms"})
 DEFAULT_MAX_BATCH_ROWS = 256
 
 
@@ -46,50 +45,6 @@ def _resolve_device(requested: str, where: str) -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError(where, "cuda was asked for but no CUDA device is available")
     return requested
-
-
-def _load_timm(spec: Any, where: str) -> Any:
-    import timm
-
-    if not isinstance(spec, Mapping) or "arch" not in spec or "checkpoint" not in spec:
-        raise ConfigError(where, "must be a mapping with arch and checkpoint (a local state dict)")
-    try:
-        model = timm.create_model(
-            spec["arch"], pretrained=False, num_classes=spec.get("num_classes", 1000),
-            **dict(spec.get("kwargs", {})),
-        )
-        state = torch.load(Path(spec["checkpoint"]), map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state))
-    except Exception as error:  # noqa: BLE001 - any load failure is a config problem
-        raise ConfigError(where, f"cannot build timm model: {error}") from None
-    if spec.get("softmax", False):
-        model = torch.nn.Sequential(model, torch.nn.Softmax(dim=-1))
-    return model
-
-
-def _load_model(params: Mapping[str, Any], where: str) -> Any:
-    given = [source for source in _SOURCES if source in params]
-    if len(given) != 1:
-        raise ConfigError(where, f"needs exactly one model source of {', '.join(_SOURCES)}, got {given or 'none'}")
-    source = given[0]
-    field = f"{where}.{source}"
-    if source == "timm":
-        return _load_timm(params["timm"], field)
-    if source == "zoo":
-        from evaluation import zoo
-
-        try:
-            path = zoo.zoo_path(params["zoo"])
-        except ValueError as error:
-            raise ConfigError(field, str(error)) from None
-    else:
-        path = Path(params["torchscript"])
-        if not path.is_file():
-            raise ConfigError(field, f"file {str(path)!r} does not exist")
-    try:
-        return torch.jit.load(str(path), map_location="cpu")
-    except Exception as error:  # noqa: BLE001
-        raise ConfigError(field, f"cannot load TorchScript file {str(path)!r}: {error}") from None
 
 
 class EmbeddedBackend:
@@ -181,8 +136,7 @@ def create_embedded(name: str, params: Mapping[str, Any], where: str, *,
     """Build an embedded backend from ``params`` (see the module docstring)."""
     if torch is None:
         raise ConfigError(f"{where}", "the embedded backend needs torch: pip install 'moat[models]'")
-    check_params(params, where, {*_SOURCES, "device", "inputs", "outputs", "max_batch_rows", "max_batch_delay_ms"},
-                 {"inputs", "outputs"})
+    check_params(params, where, {*_OWN_PARAMS, *MODEL_SOURCES.names()}, {"inputs", "outputs"})
     rows, delay = batching_params(params, where, DEFAULT_MAX_BATCH_ROWS)
     metadata = ModelMetadata(
         name=name,
@@ -192,5 +146,5 @@ def create_embedded(name: str, params: Mapping[str, Any], where: str, *,
         versions=("1",),
     )
     device = _resolve_device(str(params.get("device", "auto")), f"{where}.device")
-    return EmbeddedBackend(name, _load_model(params, where), metadata, device,
+    return EmbeddedBackend(name, load_model(params, where, ignore=_OWN_PARAMS), metadata, device,
                            max_batch_rows=rows, max_batch_delay=delay, on_batch=on_batch)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.bench.components import WARM_UP_CALLS, like_history
+from bench.components import WARM_UP_CALLS, like_history
 from tests.servers.procs import REPO
 
 FIELDS = {"scenario", "model", "contender", "concurrency", "history", "clients", "p50_ms", "p99_ms",
@@ -98,7 +98,7 @@ def test_quick_bench_writes_every_scenario(tmp_path: Path) -> None:
 def test_overhead_clients_send_each_image_once() -> None:
     import numpy as np
 
-    from evaluation.bench.overhead import WARM_UP, distinct_images, test_images
+    from bench.overhead import WARM_UP, distinct_images, test_images
 
     images = distinct_images({1: 300, 32: 1500}, rounds=7, seed=0)  # past the test set's 10,000
     assert len(images) == WARM_UP[1] + 7 * 1800

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation.bench.cli import configure, run
-from evaluation.bench.procs import REPO
-from evaluation.bench.results import (
+from bench.cli import configure, run
+from bench.procs import REPO
+from bench.results import (
     Result,
     Sample,
     median_result,

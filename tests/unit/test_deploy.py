@@ -384,21 +384,62 @@ def test_dockerfile_targets_user_and_healthcheck() -> None:
     assert ".venv" in ignored and ".git" in ignored
 
 
-def test_proxy_image_imports_no_torch(tmp_path: Path) -> None:
-    """What the `proxy` image runs: the gateway in upstream mode with torch unavailable."""
-    code = (
-        "import sys; sys.modules['torch'] = None; sys.modules['timm'] = None\n"
-        "from gateway.config import load_config\n"
-        "from gateway.server import Gateway\n"
-        f"config = load_config({str(DEPLOY / 'configs/sidecar.yaml')!r})\n"
-        "assert config.models[0].backend.name == 'upstream'\n"
-        "assert config.state.name == 'redis'\n"
-    )
+_PROXY_IMAGE = """
+import asyncio, sys
+
+class NotInTheImage:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "timm", "evaluation", "bench"):
+            raise ImportError(f"the proxy image has no {name}")
+
+sys.meta_path.insert(0, NotInTheImage())
+import grpc, yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from gateway.cli import main
+from gateway.config import load_config
+from gateway.server import build_gateway
+
+config = yaml.safe_load(open(sys.argv[1]))
+assert config["models"][0]["backend"]["name"] == "upstream" and config["state"]["name"] == "redis"
+config["state"] = {"name": "memory"}
+config["server"].update(host="127.0.0.1", grpc_port=0, metrics_port=0, admin_port=0)
+open(sys.argv[2], "w").write(yaml.safe_dump(config))
+
+async def serve():
+    gateway = build_gateway(load_config(sys.argv[2]))
+    ports = await gateway.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        print("health", health_pb2.HealthCheckResponse.ServingStatus.Name(health.status))
+    finally:
+        await gateway.stop()
+
+asyncio.run(serve())
+print("evaluate", main(["evaluate", "--out", sys.argv[3]]))
+"""
+
+
+def test_proxy_image_copies_no_evaluation_and_installs_no_torch() -> None:
+    text = re.sub(r"^#.*\n", "", (DEPLOY / "Dockerfile").read_text(), flags=re.M)
+    build = text.split("AS build\n", 1)[1].split("\nFROM ", 1)[0]
+    copied = set(re.findall(r"^COPY (?!--from)(\S+)", build, re.M))
+    assert {"contracts", "gateway", "detectors", "defenses", "protos"} <= copied
+    assert not copied & {"evaluation", "bench"} and "torch" not in build
+
+
+def test_proxy_image_serves_without_evaluation_or_torch(tmp_path: Path) -> None:
+    """What the `proxy` image runs: the gateway in upstream mode, its health service up, with torch
+    and the evaluation suite absent; `moat evaluate` says why it is unavailable instead of crashing."""
     env = {"MOAT_KEYS_FILE": str(DEPLOY / "configs/demo-keys.yaml"),
            "MOAT_SERVER_SECRET_FILE": str(DEPLOY / "configs/demo-secret"), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _PROXY_IMAGE, str(DEPLOY / "configs/sidecar.yaml"), str(tmp_path / "config.yaml"),
+         str(tmp_path / "report")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["health SERVING", "evaluate 2"], result.stdout
+    assert "evaluate" in result.stderr and "has no evaluation" in result.stderr
+    assert not (tmp_path / "report").exists()
 
 
 def test_compose_stack_wires_files_that_exist() -> None:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from contracts.batch import QueryBatch
-from evaluation.bench.components import DEMO_CONFIG, demo_batches, demo_protection
+from bench.components import DEMO_CONFIG, demo_batches, demo_protection
 from gateway.auth import Client
 from gateway.protection import Snapshot
 from gateway.state.base import create_store
@@ -61,6 +61,6 @@ def test_nothing_is_pooled_where_no_defense_codes_queries_or_the_queries_are_no_
     path.write_text(yaml.safe_dump(config))
     monkeypatch = pytest.MonkeyPatch()
     with monkeypatch.context() as patch:
-        patch.setattr("evaluation.bench.components.DEMO_CONFIG", path)
+        patch.setattr("bench.components.DEMO_CONFIG", path)
         unwatermarked = demo_protection("fashion-encoder", create_store("memory", {}))
     assert unwatermarked.pool_queries(caller, image) is None

@@ -3,7 +3,7 @@ per-client bookkeeping stays bounded."""
 
 from __future__ import annotations
 
-from evaluation.bench.components import demo_batches, demo_protection
+from bench.components import demo_batches, demo_protection
 from gateway.auth import Client
 from gateway.protection import CLIENT_LOCKS
 from gateway.state.base import create_store

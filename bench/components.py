@@ -30,15 +30,15 @@ from typing import Any
 
 import numpy as np
 
+from bench.detectors import classifier_batches
+from bench.results import Result, Sample, find, median_result
 from contracts.batch import QueryBatch
 from contracts.state import StateStore
 from defenses.base import DefenseContext
-from evaluation.bench.detectors import classifier_batches
-from evaluation.bench.results import Result, Sample, find, median_result
 from gateway.auth import Client
 from gateway.protection import ModelProtection
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "configs" / "demo.yaml"
 MODELS = {"fashion-classifier": "classifier", "fashion-encoder": "encoder"}
 MIN_SAMPLES = 30  # timed calls per component and history, pooled over fresh clients where one allows fewer
 MAX_COPIES = 10  # ...at most this many clients per history

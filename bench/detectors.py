@@ -1,7 +1,7 @@
 """Per-query cost of each detector as one client's history grows: the bounded bitmaps and windows
 must keep it flat (target: cost at 100k queries of history <= 1.5 x cost at 1k).
 
-``python -m evaluation.bench.detectors [--store memory|sqlite [--path FILE]] [--repeats N] [--threads N]``
+``python -m bench.detectors [--store memory|sqlite [--path FILE]] [--repeats N] [--threads N]``
 
 Coverage runs on an encoder answering 128-d embeddings (synthetic Gaussian vectors: its cost does not
 depend on their values); PRADA on a 10-class classifier fed Fashion-MNIST images (labels as one-hot

@@ -20,7 +20,7 @@ import grpc
 
 from evaluation.endpoint import GatewayProcess, free_port, launch_gateway, wait_until
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def grpc_ready(address: str, timeout: float = 0.5) -> bool:
@@ -88,14 +88,14 @@ class Processes:
                "MOAT_BENCH_MODELS": ",".join(f"{n}={p}" for n, p in models.items()),
                "MOAT_BENCH_OUTPUTS": ",".join(f"{n}={o}" for n, o in outputs.items()),
                "OMP_NUM_THREADS": "1"}
-        proc = self._spawn("kserve", [python, str(REPO / "evaluation/bench/kserve_demo.py"),
+        proc = self._spawn("kserve", [python, str(REPO / "bench/kserve_demo.py"),
                                       "--grpc_port", str(port), "--http_port", str(free_port())], env)
         self._wait(proc, lambda: grpc_ready(f"127.0.0.1:{port}"), "KServe", 120)
         return f"127.0.0.1:{port}"
 
     def proxy(self, upstream: str) -> str:
         """The bare pass-through proxy in front of ``upstream``; returns its address."""
-        proc = self._spawn("bare-proxy", [sys.executable, "-m", "evaluation.bench.proxy", "--upstream", upstream])
+        proc = self._spawn("bare-proxy", [sys.executable, "-m", "bench.proxy", "--upstream", upstream])
         self.pids["bare-proxy"] = proc.popen.pid
 
         def serving() -> int | None:

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.results import Result
 from contracts.state import StateStore
-from evaluation.bench.results import Result
 from gateway.state.base import create_store
 
 TOTAL_BITS, SEGMENT_BITS = 20 * 4096, 4096
@@ -95,7 +95,7 @@ def bytes_results(store: StateStore, name: str, measure: Callable[[], int], clie
     embeddings, a thief's kind, ~2,000 of 81,920 buckets each) and narrow ones
     (``coverage-state[narrow]``: an honest client's, a few hundred buckets; SQLite keeps those
     as positions, see :mod:`gateway.state.bitsets`)."""
-    from evaluation.bench.components import (
+    from bench.components import (
         demo_batches,
         demo_protection,
         honest_batches,
@@ -118,7 +118,7 @@ def bytes_results(store: StateStore, name: str, measure: Callable[[], int], clie
 
 def run_state(workdir: Path, *, stores: Sequence[str] = ("sqlite", "redis"), calls: int = 2000, rounds: int = 3,
               clients: int = 2000, queries: int = 100) -> list[Result]:
-    from evaluation.bench.procs import Processes
+    from bench.procs import Processes
 
     results = []
     with Processes(workdir) as procs:

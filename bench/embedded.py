@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.bench.results import Result, Sample, find, median_result
+from bench.results import Result, Sample, find, median_result
 
 CONTENDERS = {"batched": {}, "unbatched": {"max_batch_rows": 1}}
 SPECS = {"fashion-encoder": ("embedding", 128), "fashion-classifier": ("probabilities", 10)}
@@ -74,7 +74,7 @@ async def _measure(models: Sequence[str], concurrencies: Sequence[int], requests
 
 def run_embedded(*, models: Sequence[str] = ("fashion-encoder",), concurrencies: Sequence[int] = (1, 32),
                  requests: dict[int, int] | None = None, rounds: int = 5, seed: int = 0) -> list[Result]:
-    from evaluation.bench.overhead import test_images
+    from bench.overhead import test_images
 
     requests = requests or {1: 500, 32: 2000}
     return asyncio.run(_measure(models, concurrencies, requests, rounds, test_images(1000, seed)))

@@ -16,7 +16,7 @@ import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
 
-from evaluation.bench.results import Sample
+from bench.results import Sample
 
 MAX_BYTES = 64 * 1024 * 1024
 CHANNEL_ARGS = [("grpc.max_send_message_length", MAX_BYTES), ("grpc.max_receive_message_length", MAX_BYTES)]

@@ -1,9 +1,9 @@
 """``moat bench --out DIR``: run the benchmark scenarios, print the table and the target ratios,
 write ``DIR/bench.json``.
 
-Scenarios (``--scenarios``, default all): ``overhead`` (:mod:`evaluation.bench.overhead`),
-``detectors`` (:mod:`evaluation.bench.components`), ``state`` (:mod:`evaluation.bench.state`) and
-``embedded`` (:mod:`evaluation.bench.embedded`). ``--quick`` runs each at toy size (a smoke test of
+Scenarios (``--scenarios``, default all): ``overhead`` (:mod:`bench.overhead`),
+``detectors`` (:mod:`bench.components`), ``state`` (:mod:`bench.state`) and
+``embedded`` (:mod:`bench.embedded`). ``--quick`` runs each at toy size (a smoke test of
 the harness, not a measurement). ``--compare NAME=TREE`` adds to ``overhead`` a contender running
 another checkout's code (an A/B); ``--unbatched`` one with no upstream batching. Numbers depend
 on the machine and on what else runs on it: the client, the proxies and the model server share
@@ -61,7 +61,9 @@ def _compare(text: str) -> tuple[str, Path]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add the ``moat bench`` options to ``parser``."""
+    """benchmarks: overhead vs a bare proxy, detector and store cost.
+
+    Adds ``moat bench``'s options to ``parser`` and makes :func:`run` its handler."""
     parser.add_argument("--out", required=True, type=Path, help="directory for bench.json (created)")
     parser.add_argument("--scenarios", type=_names(SCENARIOS), default=SCENARIOS,
                         help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
@@ -79,6 +81,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(each request sent upstream alone, as before max_batch_rows)")
     parser.add_argument("--client-stores", type=_names(("memory", "sqlite", "redis")), default=("sqlite", "redis"),
                         help="stores of the 10-vs-100,000-clients measurement (default sqlite,redis)")
+    parser.set_defaults(handler=run)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import faiss
 
-    from evaluation.bench.results import ratio_table, results_table, write_json
+    from bench.results import ratio_table, results_table, write_json
 
     faiss.omp_set_num_threads(1)  # as the gateway serves (see gateway.server.build_gateway)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _overhead(workdir: Path, s: dict[str, Any], args: argparse.Namespace) -> tuple[list, list]:
-    from evaluation.bench.overhead import overhead_ratios, run_overhead
+    from bench.overhead import overhead_ratios, run_overhead
 
     results = run_overhead(workdir, requests=s["requests"], rounds=s["rounds"], compare=dict(args.compare),
                            unbatched=args.unbatched)
@@ -158,14 +161,14 @@ def _client_stores(name: str, workdir: Path, redis_url: str | None) -> tuple[Any
 
 
 def _detectors(workdir: Path, s: dict[str, Any], args: argparse.Namespace) -> tuple[list, list]:
-    from evaluation.bench.components import (
+    from bench.components import (
         MODELS,
         clients_ratios,
         clients_results,
         history_ratios,
         history_results,
     )
-    from evaluation.bench.procs import Processes
+    from bench.procs import Processes
     from gateway.state.base import create_store
 
     results = []
@@ -191,14 +194,14 @@ def _detectors(workdir: Path, s: dict[str, Any], args: argparse.Namespace) -> tu
 
 
 def _state(workdir: Path, s: dict[str, Any], args: argparse.Namespace) -> tuple[list, list]:
-    from evaluation.bench.state import run_state, state_ratios
+    from bench.state import run_state, state_ratios
 
     results = run_state(workdir, calls=s["calls"], rounds=s["rounds"], clients=s["state_clients"])
     return results, state_ratios(results)
 
 
 def _embedded(workdir: Path, s: dict[str, Any], args: argparse.Namespace) -> tuple[list, list]:
-    from evaluation.bench.embedded import embedded_ratios, run_embedded
+    from bench.embedded import embedded_ratios, run_embedded
 
     results = run_embedded(requests=s["embedded_requests"], rounds=s["rounds"])
     return results, embedded_ratios(results)

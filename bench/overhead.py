@@ -5,7 +5,7 @@ loopback, driven by the stock tritonclient (batch-1 requests of Fashion-MNIST im
 to one contender: honest clients, see :func:`distinct_images`):
 
 - ``direct``: the client talks to KServe itself;
-- ``bare-proxy``: through :mod:`evaluation.bench.proxy` (bytes in, bytes out);
+- ``bare-proxy``: through :mod:`bench.proxy` (bytes in, bytes out);
 - ``moat-off``: through moat with the upstream backend and no detectors, defenses or watermark;
 - ``moat-full``: through moat with the demo config's protection of each model (detectors,
   defenses, watermark, policy, SQLite state), forwarding to the same KServe. The classifier's
@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from evaluation.bench.load import Load
-from evaluation.bench.procs import REPO, Processes
-from evaluation.bench.results import (
+from bench.load import Load
+from bench.procs import REPO, Processes
+from bench.results import (
     Result,
     Sample,
     find,

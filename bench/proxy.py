@@ -4,7 +4,7 @@ Every unary-unary call is forwarded as opaque bytes (no protobuf parsing, no met
 upstream over one shared channel, with the caller's deadline. Nothing else: no auth, no decode,
 no checks. ``moat bench`` compares moat against this.
 
-``python -m evaluation.bench.proxy --port N --upstream HOST:PORT`` logs ``{"event": "serving",
+``python -m bench.proxy --port N --upstream HOST:PORT`` logs ``{"event": "serving",
 "port": N}`` once it listens.
 """
 
