@@ -15,7 +15,9 @@ __all__ = ["configure", "run"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add ``moat evaluate``'s options to ``parser`` and make :func:`run` its handler."""
+    """attack gateways with the evaluation suite, report.
+
+    Adds ``moat evaluate``'s options to ``parser`` and makes :func:`run` its handler."""
     parser.add_argument("--suite", default="quick", help="a built-in suite (quick, demo, paper) or a YAML file")
     parser.add_argument("--out", required=True, help="directory for report.json, report.md and the plots")
     parser.add_argument("--target", metavar="HOST:PORT", help="attack this endpoint instead of starting gateways")
@@ -50,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"--threads: must be >= 1, got {args.threads}")
     import torch
 
-    from evaluation.report import summary, write_report
-    from evaluation.runner import Runner, Target
+    from evaluation.api import evaluate
+    from evaluation.report import summary
+    from evaluation.runner import Target
     from evaluation.suite import SuiteError, load_suite
 
     try:
@@ -61,14 +64,12 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     # SIGTERM unwinds like Ctrl-C, so the gateways this run started are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    out = Path(args.out).resolve()  # the gateway configs written there name their keys files by path
-    out.mkdir(parents=True, exist_ok=True)
     target = None
     if args.target is not None:
         token = args.admin_token if args.admin_token is not None else os.environ.get("MOAT_ADMIN_TOKEN")
         target = Target(args.target, args.api_key, args.admin, token)
-    report = Runner(suite, out, progress=not args.no_progress, target=target).run()
-    report = write_report(report, out)
+    report = evaluate(suite, args.out, target=target, progress=not args.no_progress)
+    out = Path(args.out).resolve()
     print(summary(report))
     print(f"moat evaluate: wrote {out / 'report.json'}, {out / 'report.md'} and {len(report['plots'])} plots")
     return 0

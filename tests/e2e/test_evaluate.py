@@ -220,3 +220,18 @@ def test_target_mode_attacks_an_endpoint_someone_else_runs(tmp_path: Path) -> No
 def test_bad_arguments_are_refused_with_the_flag_named(tmp_path: Path, args: list[str], message: str) -> None:
     result = evaluate("--out", str(tmp_path / "out"), *args, timeout=60)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_python_api_runs_a_suite_and_returns_the_report_it_wrote(tmp_path: Path) -> None:
+    from evaluation import evaluate
+
+    suite = {"name": "api", "seed": 0, "batch": 100, "defenses": ["none"], "models": [
+        {"name": "fashion-classifier", "kind": "classifier", "data": {"pool": [FASHION], "eval": TEST},
+         "attacks": [{"name": "knockoff", "budget": 500, "params": {"stages": 1, "max_epochs": 5}}]}]}
+    path = tmp_path / "api.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    report = evaluate(path, tmp_path / "out")
+    assert [(r["model"], r["attack"], r["defense"]) for r in report["runs"]] == [
+        ("fashion-classifier", "knockoff", "none")]
+    assert report["runs"][0]["queries"] == 500 and report["runs"][0]["agreement"] > 0.4  # chance is ~0.1
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["runs"] == json.loads(json.dumps(report["runs"]))

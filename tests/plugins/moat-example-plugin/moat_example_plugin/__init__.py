@@ -1,0 +1,1 @@
+"""An example moat plugin (see pyproject.toml for its entry points)."""
