@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +124,7 @@ def time_components(protection: ModelProtection, client: str, batches: Sequence[
         return value
 
     # As the gateway runs detection: inside a store transaction (sqlite: its write-back cache).
-    transaction = getattr(protection._store, "transaction", nullcontext)
+    transaction = protection._store.transaction
     for batch in batches:
         with transaction():
             verdicts = {name: timed(name, lambda d=d: d.observe(client, batch)) for name, d in tier.detectors.items()}
@@ -223,7 +222,7 @@ def timed_protect(protection: ModelProtection, client: Client, batch: QueryBatch
     transaction where the store has them), timed in its parts: seconds float64 [3] of the detectors
     and policy (``observe``), the defenses and watermark with the evidence they keep (``defend``,
     ``keep_evidence``), and the store transaction's end (the write-back flush and COMMIT)."""
-    transaction = getattr(protection._store, "transaction", nullcontext)()
+    transaction = protection._store.transaction()
     started = time.perf_counter()
     with transaction:
         snapshot = protection.observe(client, batch)

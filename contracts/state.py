@@ -19,7 +19,7 @@ from a worker thread, and researchers can use them offline without an event loop
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ContextManager, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -46,6 +46,15 @@ class StateStore(Protocol):
 
     #: True when no call waits on a network (the gateway may call it on its event loop).
     local: bool
+    #: True when :meth:`transaction` groups calls into one atomic commit; False when it is a no-op
+    #: (each call is atomic on its own), and the gateway overlaps calls instead.
+    transactional: bool
+
+    def transaction(self) -> ContextManager[None]:
+        """A block whose calls (on this thread) commit together on exit and roll back together on
+        an exception; a nested block undoes only its own writes. A no-op for stores that are not
+        ``transactional``."""
+        ...
 
     def set_bits(self, key: str, positions: np.ndarray, total_bits: int, segment_bits: int) -> np.ndarray:
         """Set ``positions`` (int64 [n], each in [0, total_bits)) and return the number of set bits

@@ -39,13 +39,11 @@ TRANSFORMS = ("affine+shuffle", "affine", "shuffle", "none")
 #: (and the inverse map, for the owner) stays numerically sound.
 _MIN_SCALE = 0.1
 #: Default bound (MB) of the clients' derived transforms and noise keys kept (``cache_mb``): as the
-#: SQLite store's write-back cache, so that the clients whose state is cached have theirs too. A
-#: client not kept re-derives them, ~15 µs (~40 µs in the gateway with cold caches: most of what a
-#: client not seen lately paid over a hot one, ``moat bench``'s detectors scenario).
+#: SQLite store's write-back cache, so that the clients whose state is cached have theirs too: a
+#: client not kept re-derives them, most of what a client not seen lately pays over a hot one.
 DEFAULT_CACHE_MB = 256
-#: Bytes a kept client costs beyond its arrays (RSS measured over 100,000 clients: 1.9 KB a client at
-#: 128 dims, 11.9 KB at 1,024, against 2.2 and 11.2 KB estimated; see
-#: :func:`client_bytes`).
+#: Bytes a kept client costs beyond its arrays (dict entries, array headers), so that
+#: :func:`client_bytes` matches the RSS a kept client adds.
 _CLIENT_OVERHEAD = 1000
 #: The coverage detector whose ``figures["coverage"]`` (percent) prices the noise.
 COVERAGE_DETECTOR = "coverage"

@@ -28,11 +28,9 @@ from defenses.perturbations import normalize_rows
 
 __all__ = ["AdaptiveMisinformation", "query_codes"]
 
-#: τ measured on the demo classifier (full Fashion-MNIST test set, 90.63% clean accuracy, as an
-#: unflagged honest user): the largest of {0.3, 0.4, 0.5, 0.6} whose accuracy drop stays under 0.5
-#: points. Answers whose label changed / accuracy drop: 0.3: 0.36% / 0.12 points, 0.4: 1.84% / 0.64,
-#: 0.5: 5.46% / 2.30, 0.6: 10.99% / 5.40 (0.35: 1.02% / 0.28). Natural-image crops (a thief's
-#: out-of-distribution pool) misinformed at τ = 0.3: 6.5%. Flagged clients get h = 1 regardless.
+#: The largest τ of {0.3, 0.4, 0.5, 0.6} whose accuracy drop for an unflagged honest user of the
+#: demo classifier stays under 0.5 points (docs/performance-log.md, "Constants and their
+#: measurements"). Flagged clients get h = 1 regardless.
 DEFAULT_TAU = 0.3
 #: An unflagged answer whose top probability is at least τ + UNTOUCHED_Z / ν gets h < e^-30, far
 #: below the 1e-9 under which ``apply`` changes nothing: such answers skip the gate's arithmetic.

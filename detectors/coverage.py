@@ -33,8 +33,7 @@ def seed_sequence(seed: int, *parts: int) -> np.random.SeedSequence:
 class FixedProjection:
     """``x @ matrix.T`` for a fixed float32 ``matrix`` [out, in], by numpy's BLAS.
 
-    ``faiss.LinearTransform`` was used before and measured ~3x slower for the gateway's one-row
-    requests (784 -> 240: 55 us against 15 us; 32 rows: 500 against 190 us)."""
+    Not ``faiss.LinearTransform``: its per-call overhead dominates the gateway's one-row requests."""
 
     def __init__(self, matrix: np.ndarray) -> None:
         self._transposed = np.ascontiguousarray(np.asarray(matrix, dtype=np.float32).T)

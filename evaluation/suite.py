@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from contracts.params import ConfigError, Fields
 from evaluation.attacks.base import AttackSpec
 from gateway.backends.sources import MODEL_SOURCES
 
@@ -103,41 +104,10 @@ def _expand(value: Any) -> Any:
     return value
 
 
-class _Fields:
-    """Typed access to one mapping of the suite, with errors naming ``where.key``."""
-
-    def __init__(self, data: Any, where: str, allowed: set[str]) -> None:
-        if not isinstance(data, Mapping):
-            raise SuiteError(f"{where}: must be a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise SuiteError(f"{where}: unknown field(s) {unknown}; valid: {sorted(allowed)}")
-        self.data, self.where = data, where
-
-    def name(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., minimum: float | None = None) -> Any:
-        if key not in self.data:
-            if default is ...:
-                raise SuiteError(f"{self.name(key)}: required")
-            return default
-        value = self.data[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            names = "/".join(k.__name__ for k in kinds)
-            raise SuiteError(f"{self.name(key)}: must be {names}, got {value!r}")
-        if minimum is not None and value < minimum:
-            raise SuiteError(f"{self.name(key)}: must be >= {minimum}, got {value!r}")
-        return value
-
-
 def _data_source(data: Any, where: str) -> dict[str, Any]:
     from evaluation.data import DATASETS
 
-    f = _Fields(data, where, {"dataset", "split", "root", "start", "n", "size", "channels", "seed"})
+    f = Fields(data, where, {"dataset", "split", "root", "start", "n", "size", "channels", "seed"})
     name = f.get("dataset", str)
     if name not in DATASETS:
         raise SuiteError(f"{f.name('dataset')}: unknown dataset {name!r}; valid: {sorted(DATASETS)}")
@@ -151,7 +121,7 @@ def _data_source(data: Any, where: str) -> dict[str, Any]:
 def _attack(data: Any, where: str, seed: int, kind: str) -> AttackEntry:
     from evaluation.attacks import ATTACKS, create_attack
 
-    f = _Fields(data, where, {"name", "label", "budget", "params", "seed"})
+    f = Fields(data, where, {"name", "label", "budget", "params", "seed"})
     name = f.get("name", str)
     if name not in ATTACKS:
         raise SuiteError(f"{f.name('name')}: unknown attack {name!r}; valid: {ATTACKS.names()}")
@@ -170,7 +140,7 @@ def _attack(data: Any, where: str, seed: int, kind: str) -> AttackEntry:
 
 
 def _benign(data: Any, where: str, seed: int) -> BenignSpec:
-    f = _Fields(data, where, {"name", "classes", "queries", "passes", "data", "train_fraction", "seed"})
+    f = Fields(data, where, {"name", "classes", "queries", "passes", "data", "train_fraction", "seed"})
     classes = f.get("classes", list, [])
     if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes):
         raise SuiteError(f"{f.name('classes')}: must be a list of class indices, got {classes!r}")
@@ -183,7 +153,7 @@ def _benign(data: Any, where: str, seed: int) -> BenignSpec:
 
 
 def _model(data: Any, where: str, seed: int) -> ModelEntry:
-    f = _Fields(data, where, {"name", "kind", "source", "input_shape", "num_outputs", "data", "attacks", "benign",
+    f = Fields(data, where, {"name", "kind", "source", "input_shape", "num_outputs", "data", "attacks", "benign",
                               "defenses"})
     name, kind = f.get("name", str), f.get("kind", str)
     if kind not in _KINDS:
@@ -204,7 +174,7 @@ def _model(data: Any, where: str, seed: int) -> ModelEntry:
         raise SuiteError(f"{where}: input_shape and num_outputs are required unless source is a zoo model")
     if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
         raise SuiteError(f"{f.name('input_shape')}: must be [C, H, W] positive ints, got {shape!r}")
-    d = _Fields(f.get("data", dict), f.name("data"), {"pool", "eval", "probe_train", "probe_test", "probes"})
+    d = Fields(f.get("data", dict), f.name("data"), {"pool", "eval", "probe_train", "probe_test", "probes"})
     pool = d.get("pool", list)
     if not pool:
         raise SuiteError(f"{d.name('pool')}: needs at least one data source")
@@ -245,6 +215,14 @@ def suite_path(name_or_path: str) -> Path:
 def load_suite(name_or_path: str) -> Suite:
     """Read and validate a suite (see the module docstring); raises :class:`SuiteError`."""
     import evaluation.attacks  # noqa: F401 - registers the attacks
+
+    try:
+        return _load_suite(name_or_path)
+    except ConfigError as error:  # a field read with contracts.params.Fields
+        raise SuiteError(str(error)) from None
+
+
+def _load_suite(name_or_path: str) -> Suite:
     from evaluation.presets import PRESETS
 
     path = suite_path(name_or_path)
@@ -252,13 +230,13 @@ def load_suite(name_or_path: str) -> Suite:
         data = _expand(yaml.safe_load(path.read_text()))
     except (OSError, yaml.YAMLError) as error:
         raise SuiteError(f"{path}: cannot read suite: {error}") from None
-    f = _Fields(data, "", {"name", "seed", "defenses", "models", "batch", "throttle_wait_s", "description"})
+    f = Fields(data, "", {"name", "seed", "defenses", "models", "batch", "throttle_wait_s", "description"})
     seed = f.get("seed", int, 0)
     defenses = f.get("defenses", list, ["none", "default"])
     for i, d in enumerate(defenses):
         name = d.get("name") if isinstance(d, Mapping) else d
         if isinstance(d, Mapping):
-            config = path.parent / _Fields(d, f"defenses[{i}]", {"name", "config"}).get("config", str)
+            config = path.parent / Fields(d, f"defenses[{i}]", {"name", "config"}).get("config", str)
             if not config.is_file():
                 raise SuiteError(f"defenses[{i}].config: no such file {config}")
             defenses[i] = {**d, "config": str(config)}
@@ -280,5 +258,5 @@ def load_suite(name_or_path: str) -> Suite:
         if unknown:
             raise SuiteError(f"models[{i}].defenses: {unknown} are not among the suite's defenses {names}")
     return Suite(name=f.get("name", str, path.stem), seed=seed, defenses=tuple(defenses), models=entries,
-                 batch=f.get("batch", int, 250, minimum=1), throttle_wait_s=f.get("throttle_wait_s", float, 0.0, 0),
+                 batch=f.get("batch", int, 250, minimum=1), throttle_wait_s=f.get("throttle_wait_s", float, 0.0, minimum=0),
                  path=str(path), raw=data)

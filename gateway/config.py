@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from contracts.params import Fields
 from gateway.errors import ConfigError
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -45,8 +46,7 @@ class ServerConfig:
     deferred_max_rows: int = 64
     # Deferred detection on a local store (memory, sqlite) commits at most this often (group
     # commit); a kill -9 loses the detection of at most this span's answers. 0: after every batch.
-    # 50 ms: against 20, ~0.05 ms less gateway CPU per request at concurrency 1 (moat bench A/B);
-    # 100 gained nothing more.
+    # 50 ms is where a longer span stops saving gateway CPU per request.
     detection_commit_ms: float = 50.0
 
 
@@ -129,51 +129,14 @@ class GatewayConfig:
         return next(t for t in self.tiers if t.name == name)
 
 
-class _Fields:
-    """Reads typed fields out of one mapping, naming each by its path on error."""
-
-    def __init__(self, data: Any, path: str, allowed: set[str]) -> None:
-        if not isinstance(data, Mapping):
-            raise ConfigError(path or "config", f"must be a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            where = f"{path}.{unknown[0]}" if path else str(unknown[0])
-            raise ConfigError(where, f"unknown field; valid: {', '.join(sorted(allowed))}")
-        self.data, self.path = data, path
-
-    def name(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., ) -> Any:
-        if key not in self.data:
-            if default is ...:
-                raise ConfigError(self.name(key), "is required")
-            return default
-        value = self.data[key]
-        # bool is an int in Python; a port of `true` is a mistake worth catching.
-        if isinstance(value, bool) and bool not in _as_tuple(kind):
-            raise ConfigError(self.name(key), f"must be {_kind_name(kind)}, got a boolean")
-        if not isinstance(value, kind):
-            raise ConfigError(self.name(key), f"must be {_kind_name(kind)}, got {type(value).__name__}")
-        return value
-
-
-def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    return " or ".join(k.__name__ for k in _as_tuple(kind))
-
-
-def _port(fields: _Fields, key: str, default: int) -> int:
+def _port(fields: Fields, key: str, default: int) -> int:
     port = fields.get(key, int, default)
     if not 0 <= port <= 65535:
         raise ConfigError(fields.name(key), f"must be a port number in 0..65535, got {port}")
     return port
 
 
-def _path(fields: _Fields, key: str, base: Path, default: Any = ...) -> Path | None:
+def _path(fields: Fields, key: str, base: Path, default: Any = ...) -> Path | None:
     value = fields.get(key, str, default)
     if value is None:
         return None
@@ -187,7 +150,7 @@ def _path(fields: _Fields, key: str, base: Path, default: Any = ...) -> Path | N
 def _tls(data: Any, path: str, base: Path) -> TLSConfig | None:
     if data is None:
         return None
-    fields = _Fields(data, path, {"cert_file", "key_file", "client_ca_file"})
+    fields = Fields(data, path, {"cert_file", "key_file", "client_ca_file"})
     return TLSConfig(
         cert_file=_path(fields, "cert_file", base),  # type: ignore[arg-type]
         key_file=_path(fields, "key_file", base),  # type: ignore[arg-type]
@@ -196,7 +159,7 @@ def _tls(data: Any, path: str, base: Path) -> TLSConfig | None:
 
 
 def _server(data: Any, base: Path) -> ServerConfig:
-    fields = _Fields(data or {}, "server", {
+    fields = Fields(data or {}, "server", {
         "host", "grpc_port", "metrics_port", "admin_port", "max_message_bytes",
         "grace_seconds", "tls", "deferred_max_rows", "detection_commit_ms",
     })
@@ -227,7 +190,7 @@ def _server(data: Any, base: Path) -> ServerConfig:
 
 
 def _component(data: Any, path: str) -> ComponentConfig:
-    fields = _Fields(data, path, {"name", "params"})
+    fields = Fields(data, path, {"name", "params"})
     name = fields.get("name", str)
     params = fields.get("params", Mapping, {}) or {}
     return ComponentConfig(name=name, params=dict(params))
@@ -238,7 +201,7 @@ def _models(data: Any) -> tuple[ModelConfig, ...]:
         raise ConfigError("models", "must be a non-empty list of model entries")
     models: list[ModelConfig] = []
     for index, entry in enumerate(data):
-        fields = _Fields(entry, f"models[{index}]", {
+        fields = Fields(entry, f"models[{index}]", {
             "name", "kind", "backend", "max_batch_size", "detectors", "defenses", "policy", "watermark"})
         name = fields.get("name", str)
         if not name or "/" in name:
@@ -261,13 +224,13 @@ def _models(data: Any) -> tuple[ModelConfig, ...]:
     return tuple(models)
 
 
-def _watermark(fields: _Fields) -> ComponentConfig | None:
+def _watermark(fields: Fields) -> ComponentConfig | None:
     """``watermark: {name, params}``, or None when absent or null."""
     data = fields.data.get("watermark")
     return None if data is None else _component(data, fields.name("watermark"))
 
 
-def _components(fields: _Fields, key: str) -> tuple[ComponentConfig, ...]:
+def _components(fields: Fields, key: str) -> tuple[ComponentConfig, ...]:
     entries = fields.get(key, list, [])
     components = tuple(_component(entry, f"{fields.name(key)}[{i}]") for i, entry in enumerate(entries))
     names = [c.name for c in components]
@@ -277,7 +240,7 @@ def _components(fields: _Fields, key: str) -> tuple[ComponentConfig, ...]:
     return components
 
 
-def _threshold(fields: _Fields, key: str, default: float | None) -> float | None:
+def _threshold(fields: Fields, key: str, default: float | None) -> float | None:
     value = fields.get(key, (int, float, type(None)), default)
     if value is not None and not 0 <= value <= 1:
         raise ConfigError(fields.name(key), f"must be a suspicion level in [0, 1], got {value}")
@@ -291,7 +254,7 @@ def tier_policy(base: PolicyConfig, overrides: Mapping[str, Any], path: str) -> 
 
 
 def _policy(data: Any, path: str) -> PolicyConfig:
-    fields = _Fields(data or {}, path, {"flag_at", "throttle_at", "throttle_per_second", "block_at"})
+    fields = Fields(data or {}, path, {"flag_at", "throttle_at", "throttle_per_second", "block_at"})
     rate = fields.get("throttle_per_second", (int, float), 1.0)
     if rate <= 0:
         raise ConfigError(fields.name("throttle_per_second"), f"must be > 0, got {rate}")
@@ -303,7 +266,7 @@ def _policy(data: Any, path: str) -> PolicyConfig:
     )
 
 
-def _auth(fields: _Fields, base: Path) -> AuthConfig:
+def _auth(fields: Fields, base: Path) -> AuthConfig:
     env = fields.get("server_secret_env", str, None)
     return AuthConfig(
         keys_file=_path(fields, "keys_file", base),  # type: ignore[arg-type]
@@ -326,7 +289,7 @@ def _expand_env(value: Any) -> Any:
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _overrides(fields: _Fields, key: str) -> dict[str, Mapping[str, Any] | bool]:
+def _overrides(fields: Fields, key: str) -> dict[str, Mapping[str, Any] | bool]:
     entries = fields.get(key, Mapping, {}) or {}
     for name, value in entries.items():
         if value is not False and not isinstance(value, Mapping):
@@ -340,7 +303,7 @@ def _tiers(data: Any) -> tuple[TierConfig, ...]:
         raise ConfigError("tiers", "must be a mapping of tier name to its settings")
     tiers = [] if DEFAULT_TIER in entries else [TierConfig(DEFAULT_TIER)]
     for name, settings in entries.items():
-        fields = _Fields(settings or {}, f"tiers.{name}", {"trusted", "detectors", "defenses", "policy", "watermark"})
+        fields = Fields(settings or {}, f"tiers.{name}", {"trusted", "detectors", "defenses", "policy", "watermark"})
         policy = fields.get("policy", Mapping, {}) or {}
         _policy(policy, fields.name("policy"))  # the overrides alone must be valid
         tiers.append(TierConfig(
@@ -354,8 +317,8 @@ def _tiers(data: Any) -> tuple[TierConfig, ...]:
 def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> GatewayConfig:
     """Validate a parsed YAML document; relative paths resolve against ``base_dir``."""
     data = _expand_env(data)
-    fields = _Fields(data, "", {"server", "auth", "models", "state", "tiers"})
-    auth = _auth(_Fields(fields.get("auth", Mapping), "auth", {
+    fields = Fields(data, "", {"server", "auth", "models", "state", "tiers"})
+    auth = _auth(Fields(fields.get("auth", Mapping), "auth", {
         "keys_file", "server_secret_file", "server_secret_env"}), base_dir)
     models = _models(fields.get("models", list))
     if any(model.protected for model in models) and not (auth.server_secret_file or auth.server_secret_env):

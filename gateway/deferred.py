@@ -258,11 +258,9 @@ class LoopDetection:
 
         ``soon`` (the request was the only one in flight): the queue runs on the loop's next turn,
         once gRPC has started sending the answer, while the client reads it and sends its next
-        request (moat bench, AMD VM, concurrency 1: p50 1.33x -> 1.23x the bare proxy for the
-        classifier and 1.35x -> 1.19x for the encoder against running it while the next request
-        waits for its model: that left the model's answer waiting on the loop). Otherwise the jobs
-        gathered within ``BATCH_SECONDS`` run in one go (under load; concurrency 32: 0.91 instead
-        of 1.10 ms of gateway CPU per request), or earlier: while the next request waits for its
+        request; run while the next request waits for its model instead, it would leave that
+        model's answer waiting on the loop. Otherwise the jobs gathered within ``BATCH_SECONDS``
+        run in one go (under load: less gateway CPU per request than one by one), or earlier: while the next request waits for its
         model (:meth:`run_queued`, handed to the backend as ``while_waiting``), or when the
         client's next request settles."""
         self._jobs.append(_Job(client, function))

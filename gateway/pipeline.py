@@ -13,29 +13,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ContextManager, TypeVar, cast
+from typing import TypeVar, cast
 
 import numpy as np
 
 from contracts.batch import QueryBatch
 from defenses.codes import PooledQueries
-from defenses.watermark import Marked
 from gateway.auth import Client
 from gateway.backends import Backend
 from gateway.config import ModelConfig
-from gateway.deferred import DetectionWorker, LoopDetection
-from gateway.errors import GatewayError, ModelNotFound, Unavailable
+from gateway.errors import GatewayError, ModelNotFound
 from gateway.metrics import GatewayMetrics
 from gateway.protection import ModelProtection
+from gateway.sequencing import create_sequencing
 from gateway.state import StateStore
 from gateway.types import InferRequest, InferResponse, ModelMetadata
 from gateway.validation import validate_request
 
 T = TypeVar("T")
-STORE_ERRORS = (ConnectionError, TimeoutError, OSError)  # what a state store that went away raises
 
 
 @dataclass
@@ -85,20 +82,9 @@ class DataPlane:
         # Batches up to this many rows are answered first and detected after (deferred); larger
         # ones are detected before their answer, so one big batch cannot pass unjudged.
         self._deferred_max_rows = deferred_max_rows
-        # The state store is synchronous. These threads run the store calls an answer must wait
-        # for (a first look-up of a client, big batches judged inline) and, for stores that wait
-        # on a network (redis), evidence and deferred detection too: in order per client, a batch of
-        # requests per transaction where the store has them, more shards where it has none (so
-        # that round trips overlap).
-        transaction: Callable[[], ContextManager[Any]] | None = getattr(store, "transaction", None)
-        self._detection = DetectionWorker(shards=1 if transaction else 4, transaction=transaction or nullcontext,
-                                          thread_init=_one_native_thread)
-        # Stores that never wait on a network (memory, sqlite) run deferred detection on the
-        # loop itself once the answer is on its way (while the next request waits for its model,
-        # or gathered under load), committing it every ``detection_commit_seconds``, and write
-        # evidence there before its answer leaves; redis on the worker above.
-        self._on_loop = (LoopDetection(transaction or nullcontext, commit_seconds=detection_commit_seconds)
-                         if getattr(store, "local", True) else None)
+        # The state store is synchronous; how its calls are ordered and where they run depends on
+        # the store (gateway.sequencing), and is decided once, here.
+        self._store_work = create_sequencing(store, commit_seconds=detection_commit_seconds)
 
     async def start(self) -> None:
         """Start every backend, in parallel."""
@@ -107,9 +93,7 @@ class DataPlane:
     async def close(self) -> None:
         """Release backends; called once serving has stopped."""
         await asyncio.gather(*(model.backend.close() for model in self.models.values()))
-        if self._on_loop is not None:
-            self._on_loop.close()
-        await asyncio.get_running_loop().run_in_executor(None, self._detection.close)
+        await self._store_work.close()
 
     def model(self, name: str, version: str = "") -> ServedModel:
         """The model called ``name``; ``ModelNotFound`` lists the served ones."""
@@ -156,7 +140,7 @@ class DataPlane:
             started = self._clock()
             snapshot = protection.cached(client.id)
             if snapshot is None and not protection.tiers[client.tier].trusted:
-                snapshot = await self._look_up(client, lambda: protection.snapshot(client.id))
+                snapshot = await self._store_work.look_up(client.id, lambda: protection.snapshot(client.id))
             protection.admit(client, snapshot)
             self._admission_timers[request.model_name].observe(self._clock() - started)
         query = _Query(np.asarray(request.inputs[metadata.inputs[0].name], dtype=np.float32)) \
@@ -181,12 +165,8 @@ class DataPlane:
                        query: _Query | None) -> Callable[[], None] | None:
         """What the loop may do while this request waits for its model: pool its queries for the
         defenses (:meth:`ModelProtection.pool_queries`: they depend on the queries only), and run
-        the deferred detection still queued when this is the only request in flight (jobs
-        submitted alone already ran after their answer; under load they gather for a few
-        milliseconds, see :meth:`LoopDetection.submit`)."""
-        run_queued: Callable[[], None] | None = None
-        if self._on_loop is not None and self._on_loop.pending and self._in_flight == 1:
-            run_queued = self._on_loop.run_queued
+        the store work the sequencing has for a request that waits alone."""
+        run_queued = self._store_work.while_waiting(alone=self._in_flight == 1)
         if protection is None or query is None or len(query.inputs) > self._deferred_max_rows:
             return run_queued  # big batches are defended after inline detection: nothing to pool
 
@@ -214,7 +194,7 @@ class DataPlane:
         if len(inputs) <= self._deferred_max_rows:
             outputs = await self._defend_then_detect(protection, client, batch, query.pooled)
         else:
-            outcome = await self._in_order(client, lambda: protection.protect(client, batch))
+            outcome = await self._store_work.in_order(client.id, lambda: protection.protect(client, batch))
             outputs = outcome.outputs
         response.outputs[primary_out.name] = outputs.astype(primary_out.dtype, copy=False)
 
@@ -222,89 +202,27 @@ class DataPlane:
                                   pooled: PooledQueries | None = None) -> np.ndarray:
         """Answer with the standing the client's earlier requests left, then detect on this one
         after the answer (deferred detection, see :mod:`gateway.deferred`)."""
-        await self._settled(client)
+        await self._store_work.settled(client.id)
         snapshot = protection.cached(client.id)
         if snapshot is None:  # reset by an operator meanwhile, or a block to re-check
-            snapshot = await self._look_up(client, lambda: protection.snapshot(client.id))
+            snapshot = await self._store_work.look_up(client.id, lambda: protection.snapshot(client.id))
         protection.refuse_blocked(client, snapshot)
         outputs, marked = protection.defend(client, batch, snapshot, pooled)
         if marked is not None:  # the evidence is durable before the answer leaves
-            await self._keep_evidence(protection, client, marked)
+            await self._store_work.keep(client.id, lambda: protection.keep_evidence(client, marked))
         # Queued after the evidence: queued before, the evidence write would run it first, on
         # the answer's path.
-        if self._on_loop is not None:  # alone in flight: detected right after the answer leaves
-            self._on_loop.submit(client.id, lambda: protection.observe(client, batch), soon=self._in_flight == 1)
-        else:
-            self._detection.submit(client.id, lambda: protection.observe(client, batch))
+        self._store_work.detect_after(client.id, lambda: protection.observe(client, batch),
+                                      alone=self._in_flight == 1)
         return outputs
-
-    async def _keep_evidence(self, protection: ModelProtection, client: Client, marked: Marked) -> None:
-        def keep() -> None:
-            protection.keep_evidence(client, marked)
-
-        if self._on_loop is None:
-            await self._in_order(client, keep)
-        else:  # written on the loop's own connection (see LoopDetection.call)
-            await self._on_loop_call(client, keep, commit=True)
-
-    async def _settled(self, client: Client) -> None:
-        with _store_outage_unavailable():
-            if self._on_loop is not None:
-                self._on_loop.settle(client.id)
-            await self._detection.settled(client.id)
-
-    async def _look_up(self, client: Client, function: Callable[[], T]) -> T:
-        """Read a client's standing from the store after its queued work: on a local store, on the
-        loop (a few cached reads, inside the loop's open transaction: so they see its detection)."""
-        if self._on_loop is None:
-            return await self._in_order(client, function)
-        return await self._on_loop_call(client, function, commit=False)
-
-    async def _on_loop_call(self, client: Client, function: Callable[[], T], commit: bool) -> T:
-        """A local store's call on the loop, after the client's work queued on the worker (big
-        batches) and on the loop (:meth:`LoopDetection.call` runs that first)."""
-        on_loop = cast(LoopDetection, self._on_loop)  # the callers checked it is set
-        with _store_outage_unavailable():
-            await self._detection.settled(client.id)
-            return on_loop.call(client.id, function, commit=commit)
-
-    async def _in_order(self, client: Client, function: Callable[[], T]) -> T:
-        """Run a state-store-bound call on the worker after the client's queued work; a store
-        outage is UNAVAILABLE."""
-        await self._settled(client)
-        with _store_outage_unavailable():
-            if self._on_loop is not None:
-                self._on_loop.commit()  # the worker's transaction waits for the loop's to commit
-            return await self._detection.call(client.id, function)
 
     async def settle(self) -> None:
         """Wait until the detection of every request answered so far is stored (admin reads)."""
-        if self._on_loop is not None:
-            self._on_loop.run()
-        await self._detection.drain()
+        await self._store_work.settle()
 
     async def for_client(self, client: str, function: Callable[[], T]) -> T:
         """Run ``function`` after ``client``'s queued detection (admin actions on one client)."""
-        if self._on_loop is not None:
-            self._on_loop.run()
-        return await self._detection.call(client, function)
-
-
-@contextmanager
-def _store_outage_unavailable() -> Iterator[None]:
-    """A state store that went away is UNAVAILABLE to the client (retryable), not INTERNAL."""
-    try:
-        yield
-    except STORE_ERRORS as error:
-        raise Unavailable("the state store is unavailable; try again") from error
-
-
-def _one_native_thread() -> None:
-    """Detection hashes one request's few rows at a time: FAISS's OpenMP threads only spin-wait
-    for work that one thread does faster (they showed as ~9% of the gateway's samples under load)."""
-    import faiss
-
-    faiss.omp_set_num_threads(1)
+        return await self._store_work.for_client(client, function)
 
 
 def _selected_outputs(

@@ -1,25 +1,19 @@
-"""The protect stage of one model: admission, detection, the policy, and defenses.
+"""The protect stage of one model: detection, the policy, defenses and the watermark, per tier.
 
-Detection (:meth:`ModelProtection.observe`) touches the state store; the data plane runs it after
-the answer, on the event loop for local stores and on the detection worker's threads for redis
-(:mod:`gateway.deferred`). Per client, detection and the policy run under a lock and in order, so
-concurrent requests of one client update its state one after the other in this replica; across
-replicas each store operation is atomic on its own. Defenses (:meth:`ModelProtection.defend`) are
-pure numpy on the client's last standing (:class:`Snapshot`).
-
-The policy reads the detectors' combined suspicion (the max of their scores, in [0, 1]) against
-the model's thresholds: ``flag_at`` flags the client (defenses that act on flagged clients
-start), ``throttle_at`` rate-limits it (RESOURCE_EXHAUSTED with a retry hint), ``block_at`` blocks
-it (PERMISSION_DENIED until an operator unblocks or resets it).
+:class:`ModelProtection` orchestrates the parts: admission (:mod:`gateway.admission`), the
+policy (:mod:`gateway.policy`), the defenses and watermark (built per tier by
+:mod:`gateway.tiers`) and the evidence they leave (:mod:`gateway.evidence_log`). Detection
+(:meth:`ModelProtection.observe`) touches the state store; the data plane decides when and where it
+runs (:mod:`gateway.sequencing`). Per client, detection and the policy run under a lock and in
+order, so concurrent requests of one client update its state one after the other in this replica;
+across replicas each store operation is atomic on its own. Defenses
+(:meth:`ModelProtection.defend`) are pure numpy on the client's last standing (:class:`Snapshot`).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,38 +21,26 @@ from typing import Any
 import numpy as np
 
 from contracts.batch import QueryBatch, Verdict
-from contracts.state import client_key, client_prefix, evidence_stream
+from contracts.state import client_key, client_prefix
 from defenses.base import DefenseContext
 from defenses.codes import PooledQueries
 from defenses.watermark import Marked, Watermark
+from gateway.admission import Admission, Snapshot, Standings, refuse_blocked
 from gateway.alerts import AlertSink
 from gateway.auth import Client
 from gateway.config import ModelConfig, PolicyConfig, TierConfig
-from gateway.errors import PermissionDenied, ResourceExhausted
+from gateway.evidence_log import EvidenceLog
 from gateway.metrics import GatewayMetrics
+from gateway.policy import STATUSES, alerts_to_raise, decide, status_fields
 from gateway.state import StateStore
 from gateway.tiers import TierComponents, build_tier
 
-STATUSES = ("ok", "flagged", "throttled", "blocked")
-RECHECK_SECONDS = 1.0  # a cached block or throttle is re-read from the store after this long
-MAX_SNAPSHOTS = 100_000  # clients whose standing a model keeps in memory (~100 MB)
+__all__ = ["CLIENT_LOCKS", "ModelProtection", "Outcome", "Snapshot"]
+
 # Locks that serialise one client's detection, a client mapped to one by its name's hash: a lock
 # per client ever seen grew without bound (100,000 clients, 100,000 locks kept forever). Two
 # clients sharing one only wait for each other, and detection runs on a few threads at most.
 CLIENT_LOCKS = 256
-log = logging.getLogger("moat.watermark")
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A client's standing after its latest observed request: what its next answer is based on.
-
-    ``taken`` is the protection's clock when it was computed or read."""
-
-    status: str
-    suspicion: float
-    verdicts: Mapping[str, Verdict]
-    taken: float
 
 
 @dataclass(frozen=True)
@@ -69,24 +51,6 @@ class Outcome:
     verdicts: Mapping[str, Verdict]
     suspicion: float
     status: str
-
-
-class TokenBucket:
-    """``rate`` requests per second with a burst of one second's worth (per replica)."""
-
-    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
-        self.rate, self._clock = rate, clock
-        self._tokens, self._updated = rate, clock()
-
-    def take(self) -> float:
-        """0 if a request may pass now, else the seconds until one may."""
-        now = self._clock()
-        self._tokens = min(self.rate, self._tokens + (now - self._updated) * self.rate)
-        self._updated = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return 0.0
-        return (1 - self._tokens) / self.rate
 
 
 class _MetricChildren:
@@ -114,11 +78,11 @@ class ModelProtection:
         self.tiers = {tier.name: build_tier(config, tier, where, store, secret) for tier in tiers}
         self._guard = threading.Lock()
         self._locks = tuple(threading.Lock() for _ in range(CLIENT_LOCKS))
-        self._buckets: dict[str, TokenBucket] = {}
         self._statuses: dict[str, str] = {}
         self._status_counts = {s: 0 for s in STATUSES[1:]}  # clients per non-ok status, for the gauge
-        # This process's view of each client's standing, least recently updated first (~1 KB each).
-        self._snapshots: OrderedDict[str, Snapshot] = OrderedDict()
+        self._standings = Standings(clock)  # this process's view of each client's standing
+        self._admission = Admission(clock)
+        self._evidence = EvidenceLog(config.name, store, metrics)
         self._children = _MetricChildren(metrics, config)
         if config.watermark is not None:
             metrics.watermark.labels(model=config.name, watermark=config.watermark.name).set(1)
@@ -130,14 +94,9 @@ class ModelProtection:
         return client_key("client", self.config.name, client)
 
     def cached(self, client: str) -> Snapshot | None:
-        """``client``'s standing as this process last saw it, or None when it must be read from
-        the store: never seen, or blocked/throttled longer than ``RECHECK_SECONDS`` ago (another
-        replica's operator may have lifted it)."""
-        snapshot = self._snapshots.get(client)
-        if snapshot is not None and snapshot.status in ("blocked", "throttled") \
-                and self._clock() - snapshot.taken > RECHECK_SECONDS:
-            return None
-        return snapshot
+        """``client``'s standing as this process last saw it, or None when it must be read from the
+        store (see :meth:`Standings.cached`)."""
+        return self._standings.cached(client)
 
     def snapshot(self, client: str) -> Snapshot:
         """``client``'s standing: cached, or read from the store (status and detector peeks)."""
@@ -154,37 +113,19 @@ class ModelProtection:
         return next((t for t in self.tiers.values() if not t.trusted), None)
 
     def _remember(self, client: str, status: str, verdicts: Mapping[str, Verdict]) -> Snapshot:
-        suspicion = max((v.score for v in verdicts.values()), default=0.0)
-        snapshot = Snapshot(status=status, suspicion=suspicion, verdicts=dict(verdicts), taken=self._clock())
-        with self._guard:
-            self._snapshots[client] = snapshot
-            self._snapshots.move_to_end(client)
-            if len(self._snapshots) > MAX_SNAPSHOTS:  # an evicted client is read from the store again
-                self._snapshots.popitem(last=False)
-        return snapshot
+        return self._standings.remember(client, status, verdicts)
 
     def admit(self, caller: Client, snapshot: Snapshot | None) -> None:
         """Refuse a blocked client, and a throttled one over its rate; trusted tiers always pass.
         ``snapshot`` is the client's standing (see :meth:`snapshot`)."""
-        components, client = self.tiers[caller.tier], caller.id
-        if components.trusted or snapshot is None:
-            return
-        self.refuse_blocked(caller, snapshot)
-        if snapshot.status == "throttled":
-            with self._guard:
-                bucket = self._buckets.setdefault(
-                    client, TokenBucket(components.policy.throttle_per_second, self._clock))
-                wait = bucket.take()
-            if wait > 0:
-                raise ResourceExhausted(
-                    f"rate limited: retry after {wait:.2f} s",
-                    trailers=(("retry-after-ms", str(int(wait * 1000) + 1)),),
-                )
+        components = self.tiers[caller.tier]
+        if not components.trusted and snapshot is not None:
+            self._admission.admit(caller.id, snapshot, components.policy.throttle_per_second)
 
     def refuse_blocked(self, caller: Client, snapshot: Snapshot) -> None:
         """PERMISSION_DENIED for a blocked client (trusted tiers are never blocked)."""
-        if snapshot.status == "blocked" and not self.tiers[caller.tier].trusted:
-            raise PermissionDenied("this API key is blocked for this model; contact the API owner")
+        if not self.tiers[caller.tier].trusted:
+            refuse_blocked(snapshot)
 
     def protect(self, caller: Client, batch: QueryBatch) -> Outcome:
         """Observe ``batch``, then answer it with the defenses its own verdicts call for (inline
@@ -267,80 +208,31 @@ class ModelProtection:
         """Write the watermark's evidence records; durable when this returns, so before the answer
         leaves (a crash after this loses no evidence of a sent answer)."""
         watermark = self.tiers[caller.tier].watermark
-        if watermark is None:
-            return
-        model, client = self.config.name, caller.id
-        stream = evidence_stream(model, client)
-        for record in marked.records:
-            record_id = self._store.append_record(stream, record, max_records=watermark.max_evidence)
-            if record_id == watermark.max_evidence + 1:  # once per client: the first record past the bound
-                log.warning(json.dumps({"event": "evidence_bound_reached", "client": client, "model": model,
-                                        "max_evidence": watermark.max_evidence}))
-                self._metrics.evidence_bound_reached.labels(model=model).inc()
-        self._metrics.watermarked_answers.labels(model=model).inc(len(marked.records))
-        self._metrics.evidence_records.labels(model=model).inc(len(marked.records))
+        if watermark is not None:
+            self._evidence.keep(caller.id, watermark, marked)
 
     def evidence(self, client: str, after_id: int = 0, limit: int = 1000) -> list[tuple[int, dict[str, Any]]]:
         """``client``'s evidence records on this model with id > ``after_id``, oldest first."""
-        return self._store.read_records(evidence_stream(self.config.name, client), after_id, limit)
+        return self._evidence.read(client, after_id, limit)
 
     def import_evidence(self, client: str, records: list[dict[str, Any]]) -> int:
         """Append imported evidence records for ``client``; returns how many were stored."""
         watermark = next((t.watermark for t in self.tiers.values() if t.watermark is not None), None)
-        bound = watermark.max_evidence if watermark is not None else None
-        stream = evidence_stream(self.config.name, client)
-        for record in records:
-            # The file's ids were the exporting store's; this store numbers the records anew.
-            self._store.append_record(stream, {k: v for k, v in record.items() if k != "id"}, max_records=bound)
-        return len(records)
-
-    def _decide(self, previous: Mapping[str, float | str], suspicion: float,
-                verdicts: Mapping[str, Verdict], policy: PolicyConfig) -> str:
-        """The new status: what the suspicion calls for, but never below the previous status.
-
-        Statuses only rise: a thief that mixes natural queries into its stream must not wash its
-        flag out. An operator lowers them (unblock, reset); an unblocked client is exempt from
-        throttling and blocking until it is reset.
-        """
-        escalate = previous.get("exempt") != 1.0
-        wanted = "ok"
-        if suspicion >= policy.flag_at or any(v.alert for v in verdicts.values()):
-            wanted = "flagged"
-        if escalate and policy.throttle_at is not None and suspicion >= policy.throttle_at:
-            wanted = "throttled"
-        if escalate and policy.block_at is not None and suspicion >= policy.block_at:
-            wanted = "blocked"
-        before = str(previous.get("status", "ok"))
-        return max(wanted, before, key=STATUSES.index)
+        return self._evidence.import_records(client, records, watermark.max_evidence if watermark else None)
 
     def _record(self, client: str, batch: QueryBatch, verdicts: Mapping[str, Verdict], suspicion: float,
                 policy: PolicyConfig) -> tuple[str, str]:
         """Store the new status and figures and raise alerts; returns (status before, status)."""
         key = self._status_key(client)
         previous = self._store.get_fields(key)
-        status = self._decide(previous, suspicion, verdicts, policy)
-        fields: dict[str, float | str] = {"status": status, "suspicion": suspicion, "updated": time.time()}
-        for name, verdict in verdicts.items():
-            fields[f"alert:{name}"] = 1.0 if verdict.alert else 0.0
-            fields.update({f"{name}.{figure}": value for figure, value in verdict.figures.items()})
+        status = decide(previous, suspicion, verdicts, policy)
+        fields = status_fields(status, suspicion, verdicts, time.time())
         self._store.update_fields(key, fields, {"queries": len(batch.outputs)})  # one round trip
-        self._raise_alerts(client, previous, status, verdicts)
-        return str(previous.get("status", "ok")), status
-
-    def _raise_alerts(self, client: str, previous: Mapping[str, float | str], status: str,
-                      verdicts: Mapping[str, Verdict]) -> None:
-        """One alert per detector whose alert flag turned on, and one per rise in status (flagged,
-        throttled, blocked) that no such alert already announced, naming the top-scoring detector."""
-        raised = [(name, verdict) for name, verdict in verdicts.items()
-                  if verdict.alert and previous.get(f"alert:{name}") != 1.0]
-        rose = STATUSES.index(status) > STATUSES.index(str(previous.get("status", "ok")))
-        if rose and not raised and verdicts:
-            top = max(verdicts.values(), key=lambda v: v.score)
-            raised.append((top.detector, top))
-        for name, verdict in raised:
+        for name, verdict in alerts_to_raise(previous, status, verdicts):
             self._alerts.raise_alert(client=client, model=self.config.name, detector=name,
                                      figures=verdict.figures, action=status)
             self._metrics.alerts.labels(model=self.config.name, detector=name).inc()
+        return str(previous.get("status", "ok")), status
 
     def _account(self, client: str, before: str, status: str, verdicts: Mapping[str, Verdict],
                  suspicion: float) -> None:
@@ -349,8 +241,8 @@ class ModelProtection:
             action = {"throttled": "throttle", "blocked": "block"}[status]
             self._metrics.defense_actions.labels(model=model, defense="policy", action=action).inc()
         with self._guard:
-            # Counted as statuses change, not by a scan of every client (moat bench: a scan made each
-            # request cost 7x more with 100,000 clients than with 10).
+            # Counted as statuses change, not by a scan of every client: a request's cost must not
+            # grow with the number of clients.
             self._count_status(self._statuses.get(client), status)
             self._statuses[client] = status
             counts = dict(self._status_counts)
@@ -381,16 +273,15 @@ class ModelProtection:
         if self._store.get_fields(key).get("status") not in ("blocked", "throttled"):
             return False
         self._store.set_fields(key, {"status": "flagged", "exempt": 1.0})
-        with self._guard:
-            self._buckets.pop(client, None)
-            self._snapshots.pop(client, None)  # read anew from the store on the next request
+        self._admission.forget(client)
+        self._standings.forget(client)  # read anew from the store on the next request
         return True
 
     def reset(self, client: str) -> int:
         """Forget everything about ``client`` on this model; returns the number of keys deleted."""
+        self._admission.forget(client)
+        self._standings.forget(client)
         with self._guard:
-            self._buckets.pop(client, None)
-            self._snapshots.pop(client, None)
             self._count_status(self._statuses.pop(client, None), None)
         return self._store.delete(client_prefix(self.config.name, client))
 

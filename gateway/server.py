@@ -214,12 +214,12 @@ class Gateway:
 def build_gateway(config: GatewayConfig, registry: CollectorRegistry | None = None) -> Gateway:
     """Validate everything the config names (keys file, backends) and build the gateway."""
     # Detectors search tiny indexes per request; FAISS's OpenMP threads only contend with the
-    # event loop and each other (measured: 30-100x slower single queries on 2 busy cores).
+    # event loop and each other, which makes single queries far slower on busy cores.
     faiss.omp_set_num_threads(1)
     gateway = Gateway(config, registry)
     # The same for the BLAS of numpy and scipy (detectors' projections, PRADA's test): its
     # threads spin-wait between one-row products and take a busy host's cores from the model
-    # server (measured: ~10% more CPU per protected request). Torch's OpenMP pool is left alone.
+    # server. Torch's OpenMP pool is left alone.
     threadpool_limits(limits=1, user_api="blas")
     return gateway
 

@@ -26,8 +26,8 @@ chance rate estimated from null models:
 - cosᵢ = cos(ẑᵢ − ĉᵢ, uᵢ) with zᵢ = suspect(xᵢ) [D] (D = len(uᵢ)) and ^ the unit vector (a zero
   difference counts 0): how the suspect's answer departs from the clean one, seen along uᵢ. A
   copy's answer is mostly the clean one, which is only noise here (⟨ĉᵢ, uᵢ⟩ ~ ±1/√D); taking it
-  away first is what makes a copy's lean measurable (measured on a 6-epoch MSE copy of the demo
-  encoder: p ≈ 1e-13 with the difference, ≈ 0.09 with the plain cos(zᵢ, uᵢ));
+  away first is what makes a copy's lean measurable (the plain cos(zᵢ, uᵢ) drowns it in the clean
+  answer's own ±1/√D);
 - under H0 the suspect is independent of the watermark key, and so is cᵢ (the answer before the
   watermark), so given them the uᵢ are independent and uniform on the sphere, and cosᵢ is
   distributed as the first coordinate of a uniform point: (cosᵢ + 1)/2 ~ Beta((D−1)/2, (D−1)/2),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from contracts.params import check_keys, params_at
 from contracts.registry import Registry
 from gateway.config import ComponentConfig, ConfigError
 from gateway.types import (
@@ -82,10 +83,6 @@ def parse_tensor_specs(data: Any, where: str) -> tuple[TensorSpec, ...]:
 
 
 def check_params(params: Mapping[str, Any], where: str, allowed: set[str], required: set[str]) -> None:
-    """Reject unknown and missing backend params, naming the field."""
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", f"unknown parameter; valid: {', '.join(sorted(allowed))}")
-    missing = sorted(required - set(params))
-    if missing:
-        raise ConfigError(f"{where}.{missing[0]}", "is required")
+    """Reject unknown and missing backend params, naming the field (``where.<param>``)."""
+    with params_at(where):
+        check_keys(params, allowed, sorted(required))

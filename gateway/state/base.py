@@ -50,7 +50,7 @@ def segment_counts(bits: np.ndarray, segment_bits: int) -> np.ndarray:
     int64 [total_bits // segment_bits]."""
     if segment_bits % 64 == 0 and bits.size % 8 == 0:  # whole words per segment: popcount 8 bytes at a time
         return np.bitwise_count(bits.view(np.uint64)).reshape(-1, segment_bits // 64).sum(axis=1, dtype=np.int64)
-    if segment_bits % 8 == 0:  # whole bytes per segment: popcount them (6x faster than unpacking 10 KB)
+    if segment_bits % 8 == 0:  # whole bytes per segment: popcount them (much faster than unpacking)
         return np.bitwise_count(bits).reshape(-1, segment_bits // 8).sum(axis=1, dtype=np.int64)
     unpacked = np.unpackbits(bits, bitorder="little")
     return unpacked.reshape(-1, segment_bits).sum(axis=1, dtype=np.int64)

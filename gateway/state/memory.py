@@ -6,7 +6,8 @@ import json
 import threading
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, ContextManager
 
 import numpy as np
 
@@ -24,6 +25,10 @@ class MemoryStore:
     """Everything in dicts behind one lock; nothing survives the process."""
 
     local = True  # calls never wait on a network: the event loop may make them
+    transactional = False  # each call is atomic under the lock; there is nothing to commit
+
+    def transaction(self) -> ContextManager[None]:
+        return nullcontext()
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

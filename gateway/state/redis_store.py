@@ -24,8 +24,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -110,6 +110,10 @@ class RedisStore:
     """The state store in Redis; see the module docstring for the key layout and atomicity."""
 
     local = False  # every call is a network round trip: kept off the event loop
+    transactional = False  # each call is one atomic script or pipeline; gateways overlap them instead
+
+    def transaction(self) -> ContextManager[None]:
+        return nullcontext()
 
     def __init__(self, url: str, prefix: str, socket_timeout: float) -> None:
         self.url = _redacted(url)

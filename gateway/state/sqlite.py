@@ -52,10 +52,8 @@ from gateway.state.sqlite_cache import (
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 # SQLite's own page cache per connection (its default is 2 MB): the write-back cache flushes each
 # commit's changes into the B-tree, whose leaves must be read first, and a leaf not cached is read
-# back from the OS (``moat bench``: ~0.1 ms a request with 2 MB; with 64 MB, 100,000 clients of 100
-# queries, a ~255 MB file, a client not seen lately still paid 22 us more than at 256 MB: the read,
-# and the recycled page evicting what the next request needed). Sized as the write-back cache, so
-# the pages of the clients it holds stay too. Pages are allocated as they are read, up to this;
+# back from the OS, and a recycled page evicts what the next request needs. Sized as the write-back
+# cache, so the pages of the clients it holds stay too. Pages are allocated as they are read, up to this;
 # with the write-back cache, detection runs on one thread, so one connection grows to it.
 DEFAULT_PAGE_CACHE_BYTES = DEFAULT_CACHE_BYTES
 
@@ -86,6 +84,7 @@ class SqliteStore:
     # is one short transaction: the event loop may make them (a file shared with another
     # process can make BEGIN wait up to busy_timeout_ms; share state between processes with redis).
     local = True
+    transactional = True
 
     def __init__(self, path: Path, busy_timeout_ms: int, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  page_cache_bytes: int = DEFAULT_PAGE_CACHE_BYTES) -> None:

@@ -154,7 +154,7 @@ class TransactionCache:
         if bits is current:
             return known[2].copy()  # type: ignore[index]
         # Counts kept per bitmap and moved by the newly set bits only: counting all of a 10 KB
-        # bitmap's bits was a third of the coverage detector's cost per request.
+        # bitmap's bits on every request would be a large share of the coverage detector's cost.
         counts = np.bincount(new // segment_bits, minlength=total_bits // segment_bits)
         if known is not None:
             counts += known[2]

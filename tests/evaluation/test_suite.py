@@ -59,7 +59,7 @@ def test_honest_users_send_their_images_once_unless_passes_says_more(tmp_path: P
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda d: d.update(colour=1), "unknown field(s) ['colour']"),
+    (lambda d: d.update(colour=1), "colour: unknown field; valid:"),
     (lambda d: d.update(seed="x"), "seed: must be int"),
     (lambda d: d.update(defenses=["none", "tight"]), "defenses[1]: unknown defense preset 'tight'"),
     (lambda d: d.update(models=[]), "models: needs at least one model"),

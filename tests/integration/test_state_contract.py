@@ -502,3 +502,19 @@ def test_redis_unreachable_raises_connection_error_naming_the_url() -> None:
     assert f"127.0.0.1:{url.rsplit(':', 1)[1].split('/')[0]}" in str(caught.value)
     assert "secret" not in str(caught.value)
     store.close()
+
+
+def test_store_declares_how_it_may_be_called_and_its_transaction_keeps_what_it_commits(store: StateStore) -> None:
+    """The gateway sequences store calls by what the store declares (gateway/sequencing.py), not by
+    probing it: every store says whether it is local and transactional, and offers transaction()."""
+    assert isinstance(store, StateStore)
+    assert isinstance(store.local, bool) and isinstance(store.transactional, bool)
+    with store.transaction():
+        store.incr("m/alice/count", {"n": 1})
+        store.incr("m/alice/count", {"n": 2})
+    assert store.get_fields("m/alice/count") == {"n": 3.0}
+    with pytest.raises(RuntimeError), store.transaction():
+        store.incr("m/alice/count", {"n": 10})
+        raise RuntimeError("a failed request")
+    # A transactional store undoes the failed block as a whole; the others kept each call.
+    assert store.get_fields("m/alice/count") == {"n": 3.0 if store.transactional else 13.0}

@@ -32,9 +32,9 @@ def test_flagged_count_rises_with_a_thief_and_falls_on_reset() -> None:
 
 
 def test_evicted_standing_is_read_back_from_the_store(monkeypatch) -> None:
-    import gateway.protection
+    import gateway.admission
 
-    monkeypatch.setattr(gateway.protection, "MAX_SNAPSHOTS", 2)
+    monkeypatch.setattr(gateway.admission, "MAX_SNAPSHOTS", 2)
     protection = demo_protection("fashion-encoder", create_store("memory", {}))
     batch = demo_batches("fashion-encoder", seed=0)  # Gaussian 128-d answers to a blank image
 
