@@ -12,7 +12,7 @@ import grpc
 from gateway import __version__
 from gateway.alerts import AlertSink
 from gateway.auth import Client, KeyStore
-from gateway.errors import InvalidArgument, ModelNotFound
+from gateway.errors import ClientNotFound, InvalidArgument, NotFound
 from gateway.evidence import EvidenceError, dump_evidence, load_evidence
 from gateway.pipeline import DataPlane
 from gateway.secrets import derive_key
@@ -92,7 +92,7 @@ class AdminServicer(pb_grpc.MoatAdminServicer):
     def _client(self, client_id: str) -> Client:
         client = next((c for c in self._keys.clients if c.id == client_id), None)
         if client is None:
-            raise ModelNotFound(f"unknown client '{client_id}'")
+            raise ClientNotFound(f"unknown client '{client_id}'")
         return client
 
     async def GetClient(self, request: pb.ClientRequest, context: grpc.aio.ServicerContext) -> pb.ClientSummary:
@@ -140,7 +140,7 @@ class AdminServicer(pb_grpc.MoatAdminServicer):
         if model:
             served = self._plane.model(model)
             if served.config.watermark is None or served.protection is None:
-                raise ModelNotFound(f"model '{model}' has no watermark")
+                raise NotFound(f"model '{model}' has no watermark")
             return served
         marked = [s for s in self._plane.models.values() if s.config.watermark and s.protection]
         if len(marked) != 1:

@@ -45,8 +45,16 @@ class PermissionDenied(GatewayError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
-class ModelNotFound(GatewayError):
+class NotFound(GatewayError):
     code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelNotFound(NotFound):
+    """No served model (or version) of that name."""
+
+
+class ClientNotFound(NotFound):
+    """No client of that id in the keys file (admin calls)."""
 
 
 class ResourceExhausted(GatewayError):
