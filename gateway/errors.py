@@ -1,13 +1,13 @@
-"""One error hierarchy for the whole gateway, mapped to gRPC status codes in one place.
+"""One error hierarchy for the whole gateway, mapped to status codes in one place.
 
-Components raise a :class:`GatewayError` subclass; the transport's interceptor
-(:mod:`gateway.interceptors`) turns it into a status. Any other exception becomes INTERNAL
-with a generic message, so no detector or backend internals leak to a possible thief.
+Components raise a :class:`GatewayError` subclass whose ``code`` is a canonical status name
+(``NOT_FOUND``, ``UNAVAILABLE``, ...: the names gRPC and the Open Inference Protocol share); the
+transport's interceptor (:mod:`gateway.interceptors`) turns it into a status. Any other exception
+becomes INTERNAL with a generic message, so no detector or backend internals leak to a possible
+thief. Nothing here knows the transport, so the data plane does not import grpc.
 """
 
 from __future__ import annotations
-
-import grpc
 
 from contracts.params import ConfigError  # noqa: F401  (re-exported: one error hierarchy)
 
@@ -16,14 +16,14 @@ class GatewayError(Exception):
     """An error whose reason is safe to show to the caller.
 
     Attributes:
-        code: the gRPC status code the caller receives.
+        code: the canonical name of the status the caller receives (``grpc.StatusCode[code]``).
         reason: a human-readable message naming what was wrong.
     """
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: str = "INTERNAL"
 
     def __init__(
-        self, reason: str, *, code: grpc.StatusCode | None = None, trailers: tuple[tuple[str, str], ...] = (),
+        self, reason: str, *, code: str | None = None, trailers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -34,19 +34,19 @@ class GatewayError(Exception):
 
 
 class InvalidArgument(GatewayError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
 
 class Unauthenticated(GatewayError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = "UNAUTHENTICATED"
 
 
 class PermissionDenied(GatewayError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = "PERMISSION_DENIED"
 
 
 class NotFound(GatewayError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
 
 
 class ModelNotFound(NotFound):
@@ -58,12 +58,12 @@ class ClientNotFound(NotFound):
 
 
 class ResourceExhausted(GatewayError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(GatewayError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"
 
 
 class DeadlineExceeded(GatewayError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "DEADLINE_EXCEEDED"

@@ -120,7 +120,7 @@ async def _abort(context: grpc.aio.ServicerContext, behavior: Callable, error: E
         error = GatewayError("internal error")
     if error.trailers:
         context.set_trailing_metadata(error.trailers)
-    await context.abort(error.code, error.reason)
+    await context.abort(grpc.StatusCode[error.code], error.reason)
 
 
 def _code_name(code: Any) -> str:

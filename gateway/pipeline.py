@@ -151,7 +151,7 @@ class DataPlane:
                                                   while_waiting=self._while_waiting(protection, client, query))
         except GatewayError as error:
             if served.config.backend.name == "upstream":
-                self._metrics.upstream_errors.labels(model=request.model_name, code=error.code.name).inc()
+                self._metrics.upstream_errors.labels(model=request.model_name, code=error.code).inc()
             raise
         self._backend_timers[request.model_name].observe(self._clock() - started)
         if protection is not None:

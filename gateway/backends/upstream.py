@@ -58,7 +58,7 @@ class _BatchKey:
 def _upstream_error(error: grpc.aio.AioRpcError) -> GatewayError:
     code = error.code()
     if code in _RELAYED:
-        return GatewayError(f"upstream: {error.details()}", code=code)
+        return GatewayError(f"upstream: {error.details()}", code=code.name)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded("upstream did not answer before the deadline")
     # Down, refused, crashed or internal: the caller sees one retryable status and no internals.

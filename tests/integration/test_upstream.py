@@ -111,4 +111,4 @@ def test_upstream_statuses_are_relayed_or_hidden(upstream_code, code, details) -
     from gateway.backends.upstream import _upstream_error
 
     error = _upstream_error(grpc.aio.AioRpcError(upstream_code, Metadata(), Metadata(), details="bad shape"))
-    assert (error.code, error.reason) == (code, details)
+    assert (error.code, error.reason) == (code.name, details)
