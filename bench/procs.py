@@ -16,22 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from evaluation.endpoint import GatewayProcess, free_port, launch_gateway, wait_until
+from evaluation.endpoint import (
+    GatewayProcess,
+    free_port,
+    grpc_ready,
+    launch_gateway,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def grpc_ready(address: str, timeout: float = 0.5) -> bool:
-    channel = grpc.insecure_channel(address)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=timeout)
-        return True
-    except grpc.FutureTimeoutError:
-        return False
-    finally:
-        channel.close()
 
 
 def _redis_pong(port: int) -> bool:

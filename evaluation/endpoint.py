@@ -28,6 +28,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def grpc_ready(address: str, timeout: float = 0.5) -> bool:
+    """Whether a gRPC server accepts connections at ``address`` within ``timeout`` seconds."""
+    import grpc
+
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
+
+
 def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
     """Poll ``check`` until it returns something other than None or False; ``TimeoutError`` naming ``what``."""
     deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,10 @@ PLUGIN = REPO / "tests" / "plugins"
 def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The plugin installed (with its entry points' metadata) into a directory of its own."""
     target = tmp_path_factory.mktemp("site")
+    # Built from a copy: setuptools writes build/ and egg-info next to the sources it builds.
+    source = shutil.copytree(PLUGIN / "moat-example-plugin", tmp_path_factory.mktemp("src") / "plugin")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(PLUGIN / "moat-example-plugin")],
-                   check=True, capture_output=True, text=True, timeout=300)
+                    "--target", str(target), str(source)], check=True, capture_output=True, text=True, timeout=300)
     assert list(target.glob("moat_example_plugin-*.dist-info/entry_points.txt"))
     return str(target)
 

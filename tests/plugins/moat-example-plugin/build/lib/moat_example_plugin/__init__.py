@@ -1,1 +1,0 @@
-"""An example moat plugin (see pyproject.toml for its entry points)."""
