@@ -9,6 +9,7 @@ with :class:`Fields`, which names each field by its path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -54,6 +55,8 @@ def number(
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise ParamError(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):  # YAML's .nan would pass every bound below: comparisons with NaN are False
+        raise ParamError(name, f"must be a finite number, got {value}")
     if low is not None and (value < low or (not low_inclusive and value == low)):
         raise ParamError(name, f"must be {'>=' if low_inclusive else '>'} {low}, got {value}")
     if high is not None and (value > high or (not high_inclusive and value == high)):
@@ -116,6 +119,8 @@ class Fields:
             value = float(value)
         if not isinstance(value, kinds):
             raise ConfigError(self.name(key), f"must be {_kind_name(kinds)}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(self.name(key), f"must be a finite number, got {value}")
         if minimum is not None and value < minimum:
             raise ConfigError(self.name(key), f"must be >= {minimum}, got {value!r}")
         return value
