@@ -22,6 +22,11 @@ def _check_tensor(name: str, array: np.ndarray, spec: TensorSpec, max_batch_size
         raise InvalidArgument(
             f"input '{name}': shape {list(array.shape)} does not match the model's {list(spec.shape)}"
         )
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # A NaN compares false with everything: one such image would silently poison a detector's
+        # state (PRADA's distances) and reach the model; no image model is asked a non-number.
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise InvalidArgument(f"input '{name}': {bad} values are NaN or infinite; only finite numbers are accepted")
     if spec.shape and spec.shape[0] == -1:
         batch = array.shape[0]
         if batch < 1:

@@ -36,6 +36,11 @@ def test_fitting_request_passes() -> None:
         (_request(inputs={"input": np.zeros((0, 1, 28, 28), np.float32), "mask": np.zeros((0, 4), np.uint8)}), "input 'input': batch dimension must be at least 1"),
         (_request(inputs={"mask": np.zeros((3, 4), np.uint8)}), r"inputs disagree on the batch size: \[2, 3\]"),
         (_request(requested_outputs=["logits"]), "unknown output 'logits'; model 'clf' produces: probabilities"),
+        (_request(inputs={"input": np.full((2, 1, 28, 28), np.nan, np.float32)}),
+         "input 'input': 1568 values are NaN or infinite; only finite numbers are accepted"),
+        (_request(inputs={"input": np.pad(np.full((2, 1, 28, 27), 0.5, np.float32), ((0, 0), (0, 0), (0, 0), (0, 1)),
+                                          constant_values=np.inf)}),
+         "input 'input': 56 values are NaN or infinite"),
     ],
 )
 def test_mismatch_names_tensor_and_problem(request_: InferRequest, pattern: str) -> None:
