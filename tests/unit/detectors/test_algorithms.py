@@ -276,3 +276,19 @@ def assert_flagged_also_with_repeats(classifier: torch.jit.ScriptModule, attack:
     plain, mixed = runs[name][-1].figures, runs[f"{name} with repeats"][-1].figures
     assert mixed["shapiro_w"] == pytest.approx(plain["shapiro_w"], abs=0.02)
     assert flagged_after(runs[f"{name} with repeats"]) <= 2 * flagged_after(runs[name])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_prada_flags_jbda_mixed_with_huge_images() -> None:
+    """Issue 26: images of 3e38 (finite, so the gateway accepts them; NaN and Inf it refuses) mixed
+    into the stream, one every 150 queries, neither poison PRADA's state nor hide the thief."""
+    classifier = load_victim("fashion-classifier")
+    test = load_fashion_mnist("test")
+    seed_images = np.array(test.images[np.random.default_rng(0).permutation(len(test))[:100]])
+    attack = jbda_stream(classifier, seed_images, rounds=5)
+    attack[::150] = np.float32(3e38)
+    verdicts = prada_verdicts(classifier, attack)
+    print(f"\nPRADA, JBDA with a 3e38 image every 150 queries: W final {verdicts[-1].figures['shapiro_w']:.3f}, "
+          f"flagged after {flagged_after(verdicts)}")
+    assert verdicts[-1].alert and verdicts[-1].figures["shapiro_w"] < 0.9
+    assert flagged_after(verdicts) is not None
