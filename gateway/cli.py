@@ -207,28 +207,63 @@ def _verify(args: argparse.Namespace) -> int:
         print("moat verify: give --suspect MODEL_FILE, or --suspect-endpoint HOST:PORT with --model NAME",
               file=sys.stderr)
         return 2
+    if args.secret_file and not args.evidence:
+        print("moat verify: --secret-file checks an --evidence file's signature", file=sys.stderr)
+        return 2
+
+    def load_suspect() -> Callable[[Any], Any]:
+        return (torchscript_suspect(args.suspect) if args.suspect
+                else endpoint_suspect(args.suspect_endpoint, args.suspect_model or args.model, args.api_key))
+
     try:
-        suspect = (torchscript_suspect(args.suspect) if args.suspect
-                   else endpoint_suspect(args.suspect_endpoint, args.suspect_model or args.model, args.api_key))
-        run = _verify_on_probes if args.config else _verify_evidence
-        return run(args, suspect)
+        return _verify_on_probes(args, load_suspect()) if args.config else _verify_evidence(args, load_suspect)
     except VerifyError as error:
         print(f"moat verify: {error}", file=sys.stderr)
         return 1
 
 
-def _verify_evidence(args: argparse.Namespace, suspect: Callable[[Any], Any]) -> int:
+def _evidence_key(secret_file: str | None) -> bytes | None:
+    """The key of the gateway's evidence signatures, derived from its server secret file (as the
+    admin service derives it); None without a file. ``ValueError`` names a bad file."""
+    from gateway.secrets import MIN_SECRET_BYTES, derive_key
+
+    if secret_file is None:
+        return None
+    try:
+        with open(secret_file, "rb") as handle:
+            secret = handle.read().strip()
+    except OSError as error:
+        raise ValueError(f"--secret-file {secret_file}: {error.strerror}") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"--secret-file {secret_file}: a server secret has at least {MIN_SECRET_BYTES} bytes, "
+                         f"got {len(secret)}")
+    return derive_key(secret, "evidence")
+
+
+def _verify_evidence(args: argparse.Namespace, load_suspect: Callable[[], Callable[[Any], Any]]) -> int:
+    """The evidence file is read and checked before the suspect is loaded or asked anything."""
     from gateway.evidence import EvidenceError, load_evidence
     from gateway.verify import VerifyError, verify, write_result
 
     try:
+        key = _evidence_key(args.secret_file)
         with open(args.evidence, "rb") as handle:
-            evidence = load_evidence(handle.read())
-        result = verify(evidence, suspect, args.alpha)
+            evidence = load_evidence(handle.read(), key)
     except OSError as error:
         print(f"moat verify: cannot read {args.evidence}: {error.strerror}", file=sys.stderr)
         return 2
-    except (EvidenceError, VerifyError) as error:
+    except EvidenceError as error:
+        print(f"moat verify: {error}", file=sys.stderr)
+        return 1
+    except ValueError as error:
+        print(f"moat verify: {error}", file=sys.stderr)
+        return 2
+    if key is None:
+        print("moat verify: note: only the file's SHA-256 was checked, which anyone can recompute; give "
+              "--secret-file (the gateway's server secret) to check its signature too", file=sys.stderr)
+    try:
+        result = verify(evidence, load_suspect(), args.alpha)
+    except VerifyError as error:
         print(f"moat verify: {error}", file=sys.stderr)
         return 1
     print(write_result(result, args.output))
@@ -357,6 +392,8 @@ def _parser(with_plugins: bool = True) -> argparse.ArgumentParser:
     check.add_argument("--probes", help="fresh probe images: a .npy/.npz file or DATASET[:SPLIT] "
                                         "(default fashion-mnist:test)")
     check.add_argument("--evidence", help="an evidence file (moat evidence export)")
+    check.add_argument("--secret-file", help="with --evidence: the gateway's server secret file; the file's "
+                                             "signature (HMAC) must then match, so a re-checksummed forgery fails")
     check.add_argument("--suspect", help="the suspect as a TorchScript file")
     check.add_argument("--suspect-endpoint", help="the suspect's Open Inference Protocol gRPC address HOST:PORT")
     check.add_argument("--model", help="the protected model's name (with --config), also the suspect endpoint's")

@@ -5,6 +5,7 @@ r + 0.2 points of accuracy; evidence survives `kill -9`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 from pathlib import Path
@@ -19,7 +20,7 @@ from evaluation.zoo import load_victim
 from evaluation.zoo_models import FashionCNN, embed
 from gateway.evidence import load_evidence
 from gateway.verify import verify
-from tests.e2e.conftest import admin_client, protected_config, query
+from tests.e2e.conftest import DEMO_CONFIG, admin_client, protected_config, query
 from tests.e2e.copies import evidence_watermark_only, fit_copy, moat_cli
 from tests.servers.procs import start_gateway
 
@@ -111,6 +112,25 @@ def test_malformed_suspect_and_tampered_file_give_errors(thieves, tmp_path: Path
     tampered.write_text(json.dumps(document))
     run = moat_cli("verify", "--evidence", str(tampered), "--suspect", str(thieves["erin"][1]))
     assert run.returncode == 1 and "checksum mismatch" in run.stderr
+
+
+def test_a_forger_who_recomputes_the_checksum_is_refused_by_the_secret_holder(thieves, tmp_path: Path) -> None:
+    """Issue 26: the SHA-256 only catches corruption; whoever holds the server secret checks the HMAC."""
+    evidence, copy = thieves["erin"]
+    document = json.loads(evidence.read_text())
+    document["records"][0]["label"] = (document["records"][0]["label"] + 1) % 10
+    body = {k: v for k, v in document.items() if k not in ("sha256", "hmac")}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    document["sha256"] = hashlib.sha256(canonical).hexdigest()
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(document))
+    secret = str(DEMO_CONFIG.parent / "demo-secret")  # the gateway fixture's server secret
+    unchecked = moat_cli("verify", "--evidence", str(forged), "--suspect", str(copy))
+    assert unchecked.returncode == 0 and "only the file's SHA-256 was checked" in unchecked.stderr
+    refused = moat_cli("verify", "--evidence", str(forged), "--suspect", str(copy), "--secret-file", secret)
+    assert refused.returncode == 1 and "signature mismatch" in refused.stderr and "verdict" not in refused.stdout
+    genuine = moat_cli("verify", "--evidence", str(evidence), "--suspect", str(copy), "--secret-file", secret)
+    assert genuine.returncode == 0 and "SHA-256 was checked" not in genuine.stderr, genuine.stderr
 
 
 def test_honest_accuracy_drop_is_at_most_r_plus_0_2_points(gateway) -> None:
