@@ -14,6 +14,7 @@ import numpy as np
 from gateway.errors import InvalidArgument
 from gateway.types import (
     DATATYPES,
+    MAX_NAME_CHARS,
     InferRequest,
     InferResponse,
     ModelMetadata,
@@ -38,7 +39,19 @@ _CONTENTS_FIELD: dict[str, str] = {
 }
 
 
+# numpy cannot hold more than 64 dimensions, and no image model takes more than a few.
+MAX_DIMS = 32
+
+
+def _checked_name(what: str, value: str) -> str:
+    if len(value) > MAX_NAME_CHARS:
+        raise InvalidArgument(f"{what} is longer than {MAX_NAME_CHARS} characters")
+    return value
+
+
 def _checked_shape(name: str, shape: list[int]) -> tuple[int, ...]:
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgument(f"input '{name}': {len(shape)} dimensions; at most {MAX_DIMS} are accepted")
     if any(dim < 0 for dim in shape):
         raise InvalidArgument(f"input '{name}': shape {list(shape)} has a negative dimension")
     return tuple(int(dim) for dim in shape)
@@ -49,9 +62,8 @@ def _checked_datatype(name: str, datatype: str) -> np.dtype:
         return DATATYPES[datatype]
     except KeyError:
         valid = ", ".join(DATATYPES)
-        raise InvalidArgument(
-            f"input '{name}': datatype '{datatype}' is not supported; valid: {valid}"
-        ) from None
+        shown = f"'{datatype}'" if len(datatype) <= 16 else f"of {len(datatype)} characters"
+        raise InvalidArgument(f"input '{name}': datatype {shown} is not supported; valid: {valid}") from None
 
 
 def _from_raw(name: str, raw: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -95,8 +107,11 @@ def decode_request(message: pb.ModelInferRequest) -> InferRequest:
         raise InvalidArgument(
             f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs"
         )
+    _checked_name("model_name", message.model_name)
+    _checked_name("model_version", message.model_version)
     inputs: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(message.inputs):
+        _checked_name(f"the name of input {index}", tensor.name)
         if tensor.name in inputs:
             raise InvalidArgument(f"input '{tensor.name}' appears more than once")
         dtype = _checked_datatype(tensor.name, tensor.datatype)
@@ -109,13 +124,13 @@ def decode_request(message: pb.ModelInferRequest) -> InferRequest:
             inputs[tensor.name] = _from_raw(tensor.name, raw[index], dtype, shape)
         else:
             inputs[tensor.name] = _from_contents(tensor, tensor.datatype, dtype, shape)
-    requested = [output.name for output in message.outputs] or None
+    requested = [_checked_name(f"the name of output {i}", output.name) for i, output in enumerate(message.outputs)]
     return InferRequest(
         model_name=message.model_name,
         model_version=message.model_version,
         id=message.id,
         inputs=inputs,
-        requested_outputs=requested,
+        requested_outputs=requested or None,
         parameters=_decode_parameters(message.parameters),
     )
 

@@ -29,7 +29,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.protection import ModelProtection
 from gateway.sequencing import create_sequencing
 from gateway.state import StateStore
-from gateway.types import InferRequest, InferResponse, ModelMetadata
+from gateway.types import MAX_NAME_CHARS, InferRequest, InferResponse, ModelMetadata
 from gateway.validation import validate_request
 
 T = TypeVar("T")
@@ -99,13 +99,15 @@ class DataPlane:
         """The model called ``name``; ``ModelNotFound`` lists the served ones."""
         served = self.models.get(name)
         if served is None:
-            raise ModelNotFound(f"unknown model '{name}'; served: {', '.join(sorted(self.models))}")
+            shown = f"'{name}'" if len(name) <= MAX_NAME_CHARS else f"of {len(name)} characters"
+            raise ModelNotFound(f"unknown model {shown}; served: {', '.join(sorted(self.models))}")
         return served
 
     async def metadata(self, name: str, version: str = "") -> ModelMetadata:
         metadata = await self.model(name).backend.metadata()
         if version and metadata.versions and version not in metadata.versions:
-            raise ModelNotFound(f"model '{name}' has no version '{version}'")
+            shown = f"'{version}'" if len(version) <= MAX_NAME_CHARS else f"of {len(version)} characters"
+            raise ModelNotFound(f"model '{name}' has no version {shown}")
         return metadata
 
     async def model_ready(self, name: str, version: str = "") -> bool:

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: The longest model, version, tensor name a request may carry: names appear in error messages,
+#: which stay short however long a caller's message is.
+MAX_NAME_CHARS = 256
+
 # Open Inference Protocol datatype -> little-endian numpy dtype. BYTES and BF16 are not served:
 # image models take numeric tensors, and numpy has no bfloat16.
 DATATYPES: dict[str, np.dtype] = {

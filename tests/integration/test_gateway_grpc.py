@@ -155,6 +155,13 @@ async def test_metadata_and_readiness(tiny) -> None:
     assert server.name == "moat"
     error = await _status(client.ModelMetadata(pb.ModelMetadataRequest(name="tiny", version="7"), metadata=ALICE))
     assert error.code() == grpc.StatusCode.NOT_FOUND and "no version '7'" in error.details()
+    # A caller's long strings are not echoed back (issue 26): the details stay short.
+    error = await _status(client.ModelMetadata(pb.ModelMetadataRequest(name="x" * 100_000), metadata=ALICE))
+    assert error.code() == grpc.StatusCode.NOT_FOUND and "unknown model of 100000 characters" in error.details()
+    assert len(error.details()) < 300
+    error = await _status(client.ModelMetadata(pb.ModelMetadataRequest(name="tiny", version="7" * 100_000),
+                                               metadata=ALICE))
+    assert error.code() == grpc.StatusCode.NOT_FOUND and len(error.details()) < 300
 
 
 async def test_message_over_the_limit_is_resource_exhausted(make_gateway: GatewayFactory, tiny_torchscript: Path) -> None:

@@ -71,6 +71,9 @@ def _raw_message(name: str, datatype: str, shape: list[int], raw: bytes) -> pb.M
         (_raw_message("img", "FP8", [1], b"\0"), r"'img': datatype 'FP8' is not supported"),
         (_raw_message("img", "BYTES", [1], b"\0"), r"'img': datatype 'BYTES' is not supported"),
         (_raw_message("img", "FP32", [-1, 2], b""), r"'img': shape \[-1, 2\] has a negative dimension"),
+        (_raw_message("img", "FP32", [1] * 65, b"\0" * 4), r"'img': 65 dimensions; at most 32 are accepted"),
+        (_raw_message("img", "X" * 100_000, [1], b"\0"), r"'img': datatype of 100000 characters is not supported"),
+        (_raw_message("i" * 100_000, "FP32", [1], b"\0" * 4), r"^the name of input 0 is longer than 256 characters$"),
     ],
 )
 def test_malformed_tensor_names_the_tensor(message: pb.ModelInferRequest, pattern: str) -> None:
@@ -131,3 +134,19 @@ def test_request_parameters_and_requested_outputs_are_decoded() -> None:
     decoded = decode_request(message)
     assert decoded.parameters == {"priority": 3}
     assert decoded.requested_outputs == ["p"]
+
+
+def test_long_model_and_output_names_are_refused_without_being_echoed() -> None:
+    """Issue 26: error messages stay short however long the caller's strings are."""
+    message = _raw_message("img", "FP32", [1], b"\0" * 4)
+    message.model_name = "m" * 1_000_000
+    with pytest.raises(InvalidArgument, match=r"^model_name is longer than 256 characters$"):
+        decode_request(message)
+    message = _raw_message("img", "FP32", [1], b"\0" * 4)
+    message.model_version = "9" * 300
+    with pytest.raises(InvalidArgument, match=r"^model_version is longer than 256 characters$"):
+        decode_request(message)
+    message = _raw_message("img", "FP32", [1], b"\0" * 4)
+    message.outputs.add(name="o" * 257)
+    with pytest.raises(InvalidArgument, match=r"^the name of output 0 is longer than 256 characters$"):
+        decode_request(message)
