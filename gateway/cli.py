@@ -27,7 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides = {
             field: value for field, value in (
                 ("grpc_port", args.grpc_port), ("metrics_port", args.metrics_port),
-                ("admin_port", args.admin_port), ("host", args.host),
+                ("admin_port", args.admin_port), ("host", args.host), ("admin_host", args.admin_host),
+                ("metrics_host", args.metrics_host),
             ) if value is not None
         }
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
@@ -346,7 +347,9 @@ def _parser(with_plugins: bool = True) -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, help="public Open Inference Protocol port (0: any free port)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus HTTP port")
     serve.add_argument("--admin-port", type=int, help="admin gRPC port")
-    serve.add_argument("--host", help="bind address (default from config: 127.0.0.1)")
+    serve.add_argument("--host", help="the public listener's address (default from config: 127.0.0.1)")
+    serve.add_argument("--admin-host", help="the admin listener's address (default from config: 127.0.0.1)")
+    serve.add_argument("--metrics-host", help="the /metrics listener's address (default from config: 127.0.0.1)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(handler=_serve)
 

@@ -34,7 +34,11 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
+    # The public (inference) listener's address. The admin and metrics listeners have their own,
+    # loopback by default: publishing the public port must not publish them too.
     host: str = "127.0.0.1"
+    admin_host: str = "127.0.0.1"
+    metrics_host: str = "127.0.0.1"
     grpc_port: int = 8001
     metrics_port: int = 8002
     admin_port: int = 8003
@@ -160,7 +164,7 @@ def _tls(data: Any, path: str, base: Path) -> TLSConfig | None:
 
 def _server(data: Any, base: Path) -> ServerConfig:
     fields = Fields(data or {}, "server", {
-        "host", "grpc_port", "metrics_port", "admin_port", "max_message_bytes",
+        "host", "admin_host", "metrics_host", "grpc_port", "metrics_port", "admin_port", "max_message_bytes",
         "grace_seconds", "tls", "deferred_max_rows", "detection_commit_ms",
     })
     defaults = ServerConfig()
@@ -178,6 +182,8 @@ def _server(data: Any, base: Path) -> ServerConfig:
         raise ConfigError(fields.name("detection_commit_ms"), f"must be in 0..1000, got {commit_ms}")
     return ServerConfig(
         host=fields.get("host", str, defaults.host),
+        admin_host=fields.get("admin_host", str, defaults.admin_host),
+        metrics_host=fields.get("metrics_host", str, defaults.metrics_host),
         grpc_port=_port(fields, "grpc_port", defaults.grpc_port),
         metrics_port=_port(fields, "metrics_port", defaults.metrics_port),
         admin_port=_port(fields, "admin_port", defaults.admin_port),

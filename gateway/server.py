@@ -166,15 +166,16 @@ class Gateway:
             AdminServicer(self.plane, self.keys, self.alerts, secret=self._secret), self._admin)
         reflection.enable_server_reflection([admin.SERVICE_NAME, reflection.SERVICE_NAME], self._admin)
         grpc_port = _bind(self._public, server.host, server.grpc_port, server.tls)
-        admin_port = _bind(self._admin, server.host, server.admin_port, server.tls)
-        self._metrics_server = MetricsServer(self.registry, server.host, server.metrics_port)
+        admin_port = _bind(self._admin, server.admin_host, server.admin_port, server.tls)
+        self._metrics_server = MetricsServer(self.registry, server.metrics_host, server.metrics_port)
         await self._public.start()
         await self._admin.start()
         for name in ("", servicer.SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._readiness = asyncio.create_task(self._watch_readiness())
         self.ports = Ports(grpc=grpc_port, admin=admin_port, metrics=self._metrics_server.port)
-        log.info(json.dumps({"event": "serving", "host": server.host, **self.ports.__dict__,
+        log.info(json.dumps({"event": "serving", "host": server.host, "admin_host": server.admin_host,
+                             "metrics_host": server.metrics_host, **self.ports.__dict__,
                              "models": sorted(self.plane.models)}))
         return self.ports
 

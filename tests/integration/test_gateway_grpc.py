@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -170,6 +171,34 @@ async def test_message_over_the_limit_is_resource_exhausted(make_gateway: Gatewa
     big = _image_request(batch=2000)  # 128 KB of pixels
     assert (await _status(client.ModelInfer(big, metadata=ALICE))).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert _probabilities(await client.ModelInfer(_image_request(), metadata=ALICE)).shape == (2, 3)
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+async def test_admin_and_metrics_listen_only_on_their_own_addresses(make_gateway: GatewayFactory,
+                                                                   tiny_torchscript: Path) -> None:
+    """Issue 26: publishing the public port publishes neither the admin service nor /metrics.
+    (Every 127.x.y.z address is loopback on Linux, so three of them stand for three interfaces.)"""
+    gateway = await make_gateway([embedded_model("tiny", tiny_torchscript)], host="127.0.0.1",
+                                 admin_host="127.0.0.2", metrics_host="127.0.0.3")
+    ports = gateway.ports
+    assert _accepts("127.0.0.1", ports.grpc)
+    assert _accepts("127.0.0.2", ports.admin) and not _accepts("127.0.0.1", ports.admin)
+    assert _accepts("127.0.0.3", ports.metrics) and not _accepts("127.0.0.1", ports.metrics)
+    assert not _accepts("127.0.0.2", ports.grpc) and not _accepts("127.0.0.3", ports.grpc)
+
+
+def test_admin_and_metrics_default_to_loopback_whatever_the_public_host() -> None:
+    from gateway.config import ServerConfig
+
+    defaults = ServerConfig(host="0.0.0.0")
+    assert (defaults.admin_host, defaults.metrics_host) == ("127.0.0.1", "127.0.0.1")
 
 
 async def test_gateway_runs_numpy_blas_on_one_thread(make_gateway: GatewayFactory, tiny_torchscript: Path) -> None:

@@ -291,7 +291,8 @@ def test_chart_renders_manifests_that_match_the_gateway(mode: str, tmp_path: Pat
     docs = _manifests(docs_values)
     rendered = _all(docs_values)
     assert sorted(d["kind"] for d in rendered) == sorted(
-        ["ConfigMap", "ConfigMap", "Secret", "Deployment", "Service", "ServiceMonitor", "PrometheusRule"])
+        ["ConfigMap", "ConfigMap", "Secret", "Deployment", "Service", "Service", "ServiceMonitor", "PrometheusRule",
+         "NetworkPolicy"])
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     if mode == "sidecar":
         [moat] = pod["initContainers"]
@@ -324,16 +325,29 @@ def test_chart_renders_manifests_that_match_the_gateway(mode: str, tmp_path: Pat
     assert config.models[0].backend.name == "upstream"
     assert config.models[0].detectors and config.models[0].defenses  # the preset was merged in
     ports = {p["name"]: p["containerPort"] for p in moat["ports"]}
-    assert ports == {"grpc": config.server.grpc_port, "metrics": config.server.metrics_port,
-                     "admin": config.server.admin_port}
-    assert config.server.host == "0.0.0.0"
+    assert ports == {"grpc": config.server.grpc_port, "metrics": config.server.metrics_port}
+    # Only the client and metrics listeners leave the pod's loopback; the admin service does not.
+    assert (config.server.host, config.server.metrics_host, config.server.admin_host) == (
+        "0.0.0.0", "0.0.0.0", "127.0.0.1")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert moat[probe]["grpc"]["port"] == config.server.grpc_port
-    service = docs["Service"]["spec"]
-    assert {p["name"]: p["port"] for p in service["ports"]} == ports
-    assert {p["targetPort"] for p in service["ports"]} <= set(ports)
-    assert service["selector"].items() <= docs["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+    services = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Service"}
+    client, metrics = (next(d for n, d in services.items() if n.endswith("-metrics") == m) for m in (False, True))
+    pod_labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    # The clients' Service carries the client port alone; /metrics has its own, which the monitor selects.
+    assert {p["name"]: p["port"] for p in client["spec"]["ports"]} == {"grpc": config.server.grpc_port}
+    assert {p["name"]: p["port"] for p in metrics["spec"]["ports"]} == {"metrics": config.server.metrics_port}
+    assert metrics["spec"]["type"] == "ClusterIP"
+    for service in (client, metrics):
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= set(ports)
+        assert service["spec"]["selector"].items() <= pod_labels.items()
     monitor = docs["ServiceMonitor"]["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
+    assert not monitor["selector"]["matchLabels"].items() <= client["metadata"]["labels"].items()
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items() and policy["policyTypes"] == ["Ingress"]
+    opened = {rule["ports"][0]["port"]: rule.get("from") for rule in policy["ingress"]}
+    assert opened == {config.server.grpc_port: None, config.server.metrics_port: [{"namespaceSelector": {}}]}
     assert monitor["endpoints"][0]["port"] == "metrics" and monitor["endpoints"][0]["path"] == "/metrics"
     assert {"targetLabel": "job", "replacement": "moat"} in monitor["endpoints"][0]["relabelings"]
     rules = yaml.safe_load((DEPLOY / "prometheus/rules.yaml").read_text())
@@ -345,6 +359,10 @@ def test_chart_renders_manifests_that_match_the_gateway(mode: str, tmp_path: Pat
         upstream = config.models[0].backend.params["address"]
         assert upstream == f"127.0.0.1:{docs_values['modelServer']['grpcPort']}"
         assert docs_values["modelServer"]["grpcPort"] not in ports.values()
+        # The model server listens on the pod's loopback, and the NetworkPolicy does not open its ports.
+        [server] = pod["containers"]
+        assert {"--grpc-address=127.0.0.1", "--http-address=127.0.0.1"} <= set(server["args"])
+        assert docs_values["modelServer"]["grpcPort"] not in opened
 
 
 def _all(values: dict) -> list[dict]:
@@ -456,3 +474,27 @@ def test_compose_stack_wires_files_that_exist() -> None:
     assert prometheus["scrape_configs"][0]["static_configs"][0]["targets"] == ["moat:8002"]
     datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yaml").read_text())
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+def test_compose_publishes_only_the_client_port_beyond_loopback() -> None:
+    """Issue 26: every published port but moat's 8001 is bound to the host's loopback."""
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    published = [(name, str(port)) for name, service in services.items() for port in service.get("ports", [])]
+    open_to_all = [(name, port) for name, port in published if not port.startswith("127.0.0.1:")]
+    assert open_to_all == [("moat", "8001:8001")]
+    assert services["moat"]["environment"]["MOAT_METRICS_HOST"] == "0.0.0.0"  # for the stack's Prometheus
+
+
+def test_images_listen_beyond_loopback_only_on_the_client_port(monkeypatch) -> None:
+    """The proxy image's config, with no deployment's environment: /metrics and admin on loopback."""
+    from gateway.config import load_config
+
+    for name in ("MOAT_HOST", "MOAT_METRICS_HOST", "MOAT_ADMIN_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MOAT_KEYS_FILE", str(DEPLOY / "configs/demo-keys.yaml"))
+    monkeypatch.setenv("MOAT_SERVER_SECRET_FILE", str(DEPLOY / "configs/demo-secret"))
+    server = load_config(DEPLOY / "configs/sidecar.yaml").server
+    assert (server.host, server.metrics_host, server.admin_host) == ("0.0.0.0", "127.0.0.1", "127.0.0.1")
+    text = re.sub(r"^#.*\n", "", (DEPLOY / "Dockerfile").read_text(), flags=re.M)
+    assert re.findall(r"^EXPOSE (.*)$", text, re.M) == ["8001"]
+    assert not re.search(r"--(admin|metrics)-host", text)

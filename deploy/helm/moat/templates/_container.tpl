@@ -5,10 +5,10 @@ args: ["serve", "--config", "/etc/moat/config/config.yaml"]
 env:
   - name: MOAT_REDIS_URL
     value: {{ .Values.redis.url | quote }}
+# The admin service listens on the pod's loopback only: `kubectl exec` or `kubectl port-forward`.
 ports:
   - {name: grpc, containerPort: {{ .Values.ports.grpc }}}
   - {name: metrics, containerPort: {{ .Values.ports.metrics }}}
-  - {name: admin, containerPort: {{ .Values.ports.admin }}}
 # Kubernetes' gRPC probes speak grpc.health.v1, which moat serves without an API key.
 startupProbe:
   grpc: {port: {{ .Values.ports.grpc }}}
