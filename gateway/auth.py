@@ -64,6 +64,10 @@ class KeyStore:
         self._clients_by_hash = dict(clients_by_hash)
         self._admin_hash = admin_token_sha256
 
+    def key_hashes(self) -> list[str]:
+        """The SHA-256 of every key this store accepts, the admin token's included."""
+        return [*self._clients_by_hash, *([self._admin_hash] if self._admin_hash else [])]
+
     @property
     def clients(self) -> list[Client]:
         """Every configured client, sorted by id (a client may own several keys)."""

@@ -30,6 +30,7 @@ from gateway.alerts import AlertSink
 from gateway.auth import KeyStore
 from gateway.backends import create_backend
 from gateway.config import GatewayConfig, ServerConfig, TLSConfig
+from gateway.exposure import refuse_demo_credentials_beyond_loopback
 from gateway.interceptors import StatusInterceptor
 from gateway.metrics import GatewayMetrics, MetricsServer
 from gateway.pipeline import DataPlane, ServedModel
@@ -123,10 +124,12 @@ class Gateway:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.keys = KeyStore.from_file(config.auth.keys_file)
         _check_tiers(config, self.keys)
+        self._secret = load_server_secret(config.auth)
+        # Before anything is built or stored: public credentials on a public address stop here.
+        refuse_demo_credentials_beyond_loopback(config.server, config.auth, self._secret, self.keys.key_hashes())
         self.metrics = GatewayMetrics(self.registry, [model.name for model in config.models])
         self.store = _store(config)
         self.alerts = AlertSink(self.store)
-        self._secret = load_server_secret(config.auth)
         self.plane = build_plane(config, self.metrics, self.store, self._secret, self.alerts)
         self.health = health.aio.HealthServicer()
         self._public: grpc.aio.Server | None = None
