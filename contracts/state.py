@@ -24,6 +24,12 @@ from typing import Any, ContextManager, Protocol, runtime_checkable
 import numpy as np
 
 
+class StoreUnavailable(ConnectionError):
+    """The store cannot serve now: down, locked by another process past its wait, or out of disk.
+    Stores raise it (or another ``ConnectionError``, ``TimeoutError`` or ``OSError``) for such
+    conditions, and the gateway answers UNAVAILABLE; any other exception is a bug (INTERNAL)."""
+
+
 def client_key(kind: str, model: str, client: str, *parts: str) -> str:
     """The key of one kind of state of one client on one model, e.g. ``clf/alice/cov``."""
     return "/".join((model, client, kind, *parts))

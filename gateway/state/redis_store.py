@@ -34,6 +34,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from contracts.params import ConfigError, ParamError, check_keys, number
+from contracts.state import StoreUnavailable
 from gateway.state.base import STATE_STORES, field_values, rows_from_blobs
 
 _KINDS = ("bm", "h", "rows", "rec")  # what delete() counts; "seq" counters are kept
@@ -89,7 +90,7 @@ return id
 """
 
 
-class RedisUnavailable(ConnectionError):
+class RedisUnavailable(StoreUnavailable):
     """Redis could not be reached or did not answer in time."""
 
 

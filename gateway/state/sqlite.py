@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from contracts.params import ConfigError, ParamError, check_keys, number
+from contracts.state import StoreUnavailable
 from gateway.state.base import STATE_STORES, field_values, rows_from_blobs
 from gateway.state.bitsets import add_bits, bit_counts
 from gateway.state.sqlite_cache import (
@@ -219,8 +220,10 @@ class SqliteStore:
 
     @contextmanager
     def _locked(self, conn: sqlite3.Connection) -> Iterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT under the process's write lock; ROLLBACK on an exception."""
-        with self._write_lock:
+        """BEGIN IMMEDIATE ... COMMIT under the process's write lock; ROLLBACK on an exception. The
+        database locked by another process past ``busy_timeout_ms``, a full disk or a read-only
+        file raise :class:`StoreUnavailable`, with nothing written."""
+        with self._write_lock, _unavailable_on_outage():
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield
@@ -397,6 +400,21 @@ class SqliteStore:
         for conn in connections:
             conn.close()
         self._local = threading.local()
+
+
+# What SQLite says when the file, not the query, is the problem: another process holds the lock,
+# or the disk cannot take the write.
+_OUTAGES = ("locked", "busy", "disk", "readonly", "read-only", "i/o error")
+
+
+@contextmanager
+def _unavailable_on_outage() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.OperationalError as error:
+        if any(word in str(error).lower() for word in _OUTAGES):
+            raise StoreUnavailable(f"sqlite: {error}") from error
+        raise
 
 
 @STATE_STORES.register("sqlite")
