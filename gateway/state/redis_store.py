@@ -22,6 +22,7 @@ append would count twice. A failed call raises :class:`RedisUnavailable` naming 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -90,6 +91,9 @@ return id
 """
 
 
+log = logging.getLogger("moat.state")
+
+
 class RedisUnavailable(StoreUnavailable):
     """Redis could not be reached or did not answer in time."""
 
@@ -126,6 +130,28 @@ class RedisStore:
         self._push_rows = self._client.register_script(_PUSH_ROWS)
         self._append = self._client.register_script(_APPEND)
         self._update_fields = self._client.register_script(_UPDATE_FIELDS)
+
+    def check_settings(self, where: str) -> None:
+        """Refuse a server that evicts keys (``ConfigError`` at ``where.url``): with an
+        ``allkeys-*`` maxmemory-policy a client's coverage, PRADA set or status can vanish under
+        memory pressure, and its thief starts over unseen. Log a warning when the server persists
+        nothing (a restart forgets every client). A server not reachable yet, or one that does not
+        allow CONFIG (managed Redis), is not checked: building the store needs no server."""
+        try:
+            settings = {name: str(value) for query in ("maxmemory-policy", "appendonly", "save")
+                        for name, value in self._client.config_get(query).items()}
+        except (redis.ConnectionError, redis.TimeoutError):
+            return
+        except redis.ResponseError as exc:
+            log.warning(json.dumps({"event": "redis_settings_unchecked", "url": self.url, "reason": str(exc)}))
+            return
+        policy = settings.get("maxmemory-policy", "noeviction")
+        if policy.startswith("allkeys-"):
+            raise ConfigError(f"{where}.url", f"redis at {self.url} evicts keys (maxmemory-policy {policy}), so "
+                                              "per-client state could vanish; set maxmemory-policy noeviction")
+        if settings.get("appendonly") == "no" and not settings.get("save"):
+            log.warning(json.dumps({"event": "redis_without_persistence", "url": self.url,
+                                    "consequence": "a redis restart forgets every client's state"}))
 
     def _key(self, key: str, kind: str) -> str:
         return f"{self.prefix}{key}#{kind}"
@@ -304,7 +330,8 @@ def create_redis(params: Mapping[str, Any], where: str) -> RedisStore:
     """``url`` (required), ``prefix`` (default ``moat:``), ``socket_timeout`` seconds (default 2.0).
 
     Connects lazily: building the store needs no server; the first call that cannot reach it
-    raises :class:`RedisUnavailable`.
+    raises :class:`RedisUnavailable`. A server that is reachable is checked
+    (:meth:`RedisStore.check_settings`): one that evicts keys is refused.
     """
     try:
         check_keys(params, ("url", "prefix", "socket_timeout"), required=("url",))
@@ -318,8 +345,10 @@ def create_redis(params: Mapping[str, Any], where: str) -> RedisStore:
         if not math.isfinite(timeout):
             raise ParamError("socket_timeout", f"must be finite, got {timeout}")
         try:
-            return RedisStore(url, prefix, float(timeout))
+            store = RedisStore(url, prefix, float(timeout))
         except ValueError as exc:  # redis-py's own URL parsing (bad port, bad db number)
             raise ParamError("url", f"cannot use {_redacted(url)}: {exc}") from exc
     except ParamError as exc:
         raise ConfigError(f"{where}.{exc.param}", exc.problem) from exc
+    store.check_settings(where)
+    return store

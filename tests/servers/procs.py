@@ -79,7 +79,7 @@ def _redis_pong(port: int) -> bool:
         return False
 
 
-def start_redis(workdir: Path) -> Proc:
+def start_redis(workdir: Path, *options: str) -> Proc:
     """Start a throwaway ``redis-server`` (no persistence) on a free loopback port.
 
     ``info['port']`` is its port and ``info['url']`` its ``redis://`` URL (database 0).
@@ -89,7 +89,7 @@ def start_redis(workdir: Path) -> Proc:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
     proc = _spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                   "--dir", str(workdir)], workdir / f"redis-{port}.log")
+                   "--dir", str(workdir), *options], workdir / f"redis-{port}.log")
     proc.info.update(port=port, url=f"redis://127.0.0.1:{port}/0")
     try:
         wait_until(lambda: proc.popen.poll() is not None or _redis_pong(port), 20, "redis-server")
