@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,14 +19,36 @@ def _dict(message: Message) -> dict[str, Any]:
     return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
-class AdminClient:
-    """Calls the admin service at ``address`` with ``token`` (default ``$MOAT_ADMIN_TOKEN``)."""
+def admin_channel(address: str, *, ca_file: str | None = None, cert_file: str | None = None,
+                  key_file: str | None = None) -> grpc.Channel:
+    """A channel to the admin service: plaintext, or TLS trusting ``ca_file`` when it is given,
+    presenting ``cert_file`` and ``key_file`` to a server that requires client certificates.
+    ``ValueError`` names a missing or unreadable file."""
+    if ca_file is None:
+        if cert_file or key_file:
+            raise ValueError("--cert-file and --key-file need --ca-file (the CA that signed the gateway's certificate)")
+        return grpc.insecure_channel(address)
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("--cert-file and --key-file go together")
+    try:
+        root = Path(ca_file).read_bytes()
+        key = Path(key_file).read_bytes() if key_file else None
+        chain = Path(cert_file).read_bytes() if cert_file else None
+    except OSError as error:
+        raise ValueError(f"{error.filename}: {error.strerror}") from None
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root, key, chain))
 
-    def __init__(self, address: str, token: str | None = None, timeout: float = 10.0) -> None:
+
+class AdminClient:
+    """Calls the admin service at ``address`` with ``token`` (default ``$MOAT_ADMIN_TOKEN``), over
+    TLS when ``ca_file`` is given (see :func:`admin_channel`)."""
+
+    def __init__(self, address: str, token: str | None = None, timeout: float = 10.0, *,
+                 ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None) -> None:
         token = token if token is not None else os.environ.get("MOAT_ADMIN_TOKEN", "")
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self._channel = admin_channel(address, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
         self._stub = pb_grpc.MoatAdminStub(self._channel)
 
     def _call(self, method: str, request: Message) -> dict[str, Any]:

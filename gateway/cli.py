@@ -72,8 +72,12 @@ def _admin(args: argparse.Namespace, action: Callable[[Any], Any]) -> int:
     from gateway.admin_client import AdminClient
 
     try:
-        with AdminClient(args.admin, args.token) as client:
+        with AdminClient(args.admin, args.token, ca_file=args.ca_file, cert_file=args.cert_file,
+                         key_file=args.key_file) as client:
             return int(action(client) or 0)
+    except ValueError as error:
+        print(f"moat: {error}", file=sys.stderr)
+        return 2
     except grpc.RpcError as error:
         print(f"moat: admin call failed: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
@@ -317,6 +321,9 @@ def _table(rows: list[dict]) -> str:
 def _admin_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin", default="127.0.0.1:8003", help="admin address host:port")
     parser.add_argument("--token", default=None, help="admin token (default: $MOAT_ADMIN_TOKEN)")
+    parser.add_argument("--ca-file", help="speak TLS, trusting this CA (PEM) for the gateway's certificate")
+    parser.add_argument("--cert-file", help="with --ca-file: a client certificate (PEM) for mutual TLS")
+    parser.add_argument("--key-file", help="with --cert-file: its private key (PEM)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 

@@ -298,3 +298,40 @@ async def test_tls_and_mutual_tls(make_gateway: GatewayFactory, tiny_torchscript
     plaintext = stub(gateway.ports.grpc)
     assert (await _status(plaintext.ModelInfer(_image_request(), metadata=ALICE, timeout=5))).code() == grpc.StatusCode.UNAVAILABLE
 
+
+
+async def test_admin_client_speaks_tls_and_mutual_tls(make_gateway: GatewayFactory, tiny_torchscript: Path,
+                                                     certificates) -> None:
+    """Issue 26: the admin CLI and client reach a gateway whose admin port requires TLS client
+    certificates; without them, or in plaintext, they are refused."""
+    import asyncio
+    import sys
+
+    from gateway.admin_client import AdminClient
+
+    c = certificates
+    tls = {"cert_file": str(c["server_pem"]), "key_file": str(c["server_key"]), "client_ca_file": str(c["ca_pem"])}
+    gateway = await make_gateway([embedded_model("tiny", tiny_torchscript)], tls=tls)
+    address = f"localhost:{gateway.ports.admin}"
+    mutual = {"ca_file": str(c["ca_pem"]), "cert_file": str(c["client_pem"]), "key_file": str(c["client_key"])}
+
+    def info(**files: str) -> dict:
+        with AdminClient(address, "admin-token", timeout=5, **files) as admin:
+            return admin.server_info()
+
+    assert [m["name"] for m in (await asyncio.to_thread(info, **mutual))["models"]] == ["tiny"]
+    for files in ({"ca_file": mutual["ca_file"]}, {}):  # no client certificate; plaintext
+        with pytest.raises(grpc.RpcError):
+            await asyncio.to_thread(info, **files)
+    flags = [f"--{name.replace('_', '-')}={path}" for name, path in mutual.items()]
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "info", "--admin", address, "--token", "admin-token", "--json", *flags,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await cli.communicate()
+    assert cli.returncode == 0, err.decode()
+    assert '"tiny"' in out.decode()
+    half = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "info", "--admin", address, flags[0], flags[1],
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await half.communicate()
+    assert half.returncode == 2 and "--cert-file and --key-file go together" in err.decode()
