@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -21,19 +20,11 @@ from evaluation.endpoint import (
     free_port,
     grpc_ready,
     launch_gateway,
+    redis_ready,
     wait_until,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _redis_pong(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 class Processes:
@@ -129,5 +120,5 @@ class Processes:
         port = free_port()
         proc = self._spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                      "--appendonly", "no", "--dir", str(self.workdir)])
-        self._wait(proc, lambda: _redis_pong(port), "redis-server", 20)
+        self._wait(proc, lambda: redis_ready(port), "redis-server", 20)
         return f"redis://127.0.0.1:{port}/0"

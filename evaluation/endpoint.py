@@ -42,6 +42,16 @@ def grpc_ready(address: str, timeout: float = 0.5) -> bool:
         channel.close()
 
 
+def redis_ready(port: int) -> bool:
+    """Whether a Redis on loopback ``port`` answers PING (raw RESP, so no client library needed)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
     """Poll ``check`` until it returns something other than None or False; ``TimeoutError`` naming ``what``."""
     deadline = time.monotonic() + timeout

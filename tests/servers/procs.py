@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from evaluation.endpoint import (
     free_port,
     grpc_ready,
     launch_gateway,
+    redis_ready,
     wait_until,
 )
 
@@ -69,16 +69,6 @@ def start_gateway(config: Path, workdir: Path, *args: str, timeout: float = 300)
     return Proc(launched.popen, launched.log, launched.ports, info=dict(launched.ports))
 
 
-def _redis_pong(port: int) -> bool:
-    """Whether a Redis on loopback ``port`` answers PING (raw RESP, so no client library needed)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 def start_redis(workdir: Path, *options: str) -> Proc:
     """Start a throwaway ``redis-server`` (no persistence) on a free loopback port.
 
@@ -92,7 +82,7 @@ def start_redis(workdir: Path, *options: str) -> Proc:
                    "--dir", str(workdir), *options], workdir / f"redis-{port}.log")
     proc.info.update(port=port, url=f"redis://127.0.0.1:{port}/0")
     try:
-        wait_until(lambda: proc.popen.poll() is not None or _redis_pong(port), 20, "redis-server")
+        wait_until(lambda: proc.popen.poll() is not None or redis_ready(port), 20, "redis-server")
     except TimeoutError:
         proc.stop(signal.SIGKILL)
         raise
