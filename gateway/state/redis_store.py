@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, ContextManager
@@ -342,8 +341,6 @@ def create_redis(params: Mapping[str, Any], where: str) -> RedisStore:
         if not isinstance(prefix, str) or not prefix:
             raise ParamError("prefix", f"must be a non-empty string, got {prefix!r}")
         timeout = number(params, "socket_timeout", 2.0, low=0, low_inclusive=False, high=300)
-        if not math.isfinite(timeout):
-            raise ParamError("socket_timeout", f"must be finite, got {timeout}")
         try:
             store = RedisStore(url, prefix, float(timeout))
         except ValueError as exc:  # redis-py's own URL parsing (bad port, bad db number)
